@@ -1,4 +1,17 @@
 """dynasparse: dynamic sparse training and pruning with real sparse kernels."""
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers the C++ ops with the dispatcher)
+try:
+    from . import _C  # noqa: F401  (its static initializers register the C++ ops)
+except ImportError as error:
+    raise ImportError(
+        "dynasparse._C, the native library, is missing or does not load. Build it against the "
+        "installed torch with `pip install --no-build-isolation -e .` from a checkout "
+        f"(cause: {error})") from error
+
+from . import ops  # noqa: E402  (needs the ops registered by _C)
+from .dispatch import backends, format_backends, usable_backends  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["backends", "format_backends", "ops", "usable_backends", "__version__"]

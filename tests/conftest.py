@@ -1,0 +1,28 @@
+"""Test-wide setup: interpreted Triton where there is no GPU, GPU markers, backend lists."""
+
+import os
+
+import torch
+
+# Triton decides when @triton.jit runs (import of dynasparse.kernels) whether kernels are
+# interpreted, so this must precede any dynasparse import. On a GPU machine the kernels
+# compile and run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import dynasparse  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False here")
+    for item in items:
+        if "gpu" in item.keywords and not CUDA:
+            item.add_marker(skip_gpu)
+
+
+def pytest_report_header(config):
+    return ["dynasparse backends:"] + ["  " + line for line in dynasparse.format_backends().splitlines()]

@@ -1,0 +1,142 @@
+"""The ahead-of-time compile check: every kernel compiles for sm_80 and sm_90, and the check can fail."""
+
+import importlib.util
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton fixes interpret mode when a @triton.jit decorator runs, so before the imports below.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from dynasparse.kernels import aot, bitmask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def results():
+    return aot.compile_all()
+
+
+def test_every_spec_compiles(results):
+    failures = [result for result in results if not result.ok]
+    assert not failures, aot.format_table(failures)
+    assert all(result.cubin_bytes > 0 for result in results)
+
+
+def test_every_spec_of_every_module_is_compiled_for_each_arch(results):
+    modules, import_failures = aot.kernel_modules()
+    assert not import_failures
+    assert bitmask in modules
+    compiled = {(result.kernel, result.arch, result.config) for result in results if result.ok}
+    for module in modules:
+        for spec in getattr(module, "AOT_SPECS", ()):
+            for arch in (80, 90):
+                assert (aot.spec_name(module, spec), arch, aot.describe_config(spec)) in compiled
+
+
+def test_every_jit_function_is_covered_by_a_spec():
+    modules, _ = aot.kernel_modules()
+    for module in modules:
+        assert aot.uncovered_kernels(module) == [], f"{module.__name__}: add these kernels to AOT_SPECS"
+    assert set(aot.jit_functions(bitmask)) == {"_pack_mask_kernel", "_unpack_mask_kernel"}
+
+
+def test_a_kernel_without_a_spec_is_reported(tmp_path):
+    # A real file: Triton reads a kernel's source through inspect.
+    source = textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def add_one(x):
+            return x + 1
+
+        @triton.jit
+        def covered_kernel(ptr):
+            tl.store(ptr, add_one(tl.load(ptr)))
+
+        @triton.jit
+        def forgotten_kernel(ptr):
+            tl.store(ptr, 0)
+
+        AOT_SPECS = [{"kernel": covered_kernel, "signature": {"ptr": "*i32"}}]
+    """)
+    path = tmp_path / "fake_kernels.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("fake_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fake_kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+        assert aot.uncovered_kernels(module) == ["forgotten_kernel"]
+    finally:
+        del sys.modules["fake_kernels"]
+
+
+# Kernels for the failure tests, wrapped by hand so they are JITFunctions whatever
+# TRITON_INTERPRET says.
+def _copy_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets))
+
+
+def _mismatched_dot_kernel(a_ptr, out_ptr, BLOCK: tl.constexpr):
+    rows = tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + rows[:, None] * BLOCK + rows[None, :])
+    wide = tl.arange(0, 2 * BLOCK)
+    b = tl.load(a_ptr + wide[:, None] * BLOCK + rows[None, :])
+    # [BLOCK, BLOCK] @ [2 * BLOCK, BLOCK]: the inner dimensions differ.
+    tl.store(out_ptr + rows[:, None] * BLOCK + rows[None, :], tl.dot(a, b))
+
+
+def _list_comprehension_kernel(src_ptr, dst_ptr):
+    # Plain Python to the interpreter; the Triton compiler has no list comprehensions.
+    values = [tl.load(src_ptr + i) for i in range(2)]
+    tl.store(dst_ptr, values[0] + values[1])
+
+
+def _spec(python_function, signature, constexprs=None):
+    return {"kernel": JITFunction(python_function), "signature": signature, "constexprs": constexprs or {}}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_compile_spec_compiles_a_good_kernel(arch):
+    result = aot.compile_spec(_spec(_copy_kernel, {"src_ptr": "*fp32", "dst_ptr": "*fp32"}, {"BLOCK": 128}), arch)
+    assert result.ok, result.error
+    assert result.cubin_bytes > 0
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("spec, offending_source", [
+    (_spec(_mismatched_dot_kernel, {"a_ptr": "*fp16", "out_ptr": "*fp32"}, {"BLOCK": 32}), "tl.dot(a, b)"),
+    (_spec(_list_comprehension_kernel, {"src_ptr": "*fp32", "dst_ptr": "*fp32"}), "for i in range(2)"),
+], ids=["mismatched-dot", "list-comprehension"])
+def test_compile_spec_reports_a_kernel_that_does_not_compile(spec, offending_source, arch):
+    result = aot.compile_spec(spec, arch)
+    assert not result.ok
+    assert result.cubin_bytes == 0
+    # Triton's own wording changes between releases; its error always quotes the source it stopped at.
+    assert result.error.startswith("CompilationError")
+    assert offending_source in result.error
+
+
+def test_list_comprehension_kernel_runs_interpreted():
+    # Why the compile check exists: the interpreter-only test suite would pass this kernel.
+    src = torch.tensor([1.0, 2.0])
+    dst = torch.zeros(1)
+    InterpretedFunction(_list_comprehension_kernel)[(1,)](src, dst)
+    assert dst.item() == 3.0
+
+
+def test_compile_spec_reports_a_spec_that_does_not_match_the_kernel():
+    spec = _spec(_copy_kernel, {"src_ptr": "*fp32"}, {"BLOCK": 128})
+    result = aot.compile_spec(spec, 90)
+    assert not result.ok
+    assert "dst_ptr" in result.error
