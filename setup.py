@@ -5,7 +5,7 @@ different (multi-GB CUDA) torch into a throwaway environment and build against i
 
 CPU kernels always build. CUDA kernels build whenever nvcc is found, also against a
 CPU-only torch: `csrc/cuda/*.cu` is plain CUDA (no torch headers), compiled by nvcc
-through a generated ninja file, and `csrc/cuda/bindings.cpp` reaches the current stream
+through a generated ninja file, and `csrc/cuda/*_bindings.cpp` reach the current stream
 through c10's device-generic API. cudart is linked statically, so the library loads on
 machines without a CUDA runtime. CUDAExtension is not used because it refuses to build
 against a CPU-only torch.
@@ -17,6 +17,7 @@ Environment:
   NVCC                    path of nvcc (default: the one on PATH, then $CUDA_HOME/bin)
 """
 
+import json
 import os
 import re
 import shlex
@@ -40,6 +41,8 @@ def _log(message):
 def find_nvcc():
     explicit = os.environ.get("NVCC")
     if explicit:
+        if shutil.which(explicit) is None:
+            raise SystemExit(f"NVCC={explicit} is not an executable")
         return explicit
     on_path = shutil.which("nvcc")
     if on_path:
@@ -122,20 +125,36 @@ class BuildWithNvcc(BuildExtension):
         build_cuda, nvcc = cuda_wanted()
         if build_cuda:
             includes, libdirs = nvcc_paths(nvcc)
-            objects = self._compile_cuda(nvcc, parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST))
+            gencode = parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST)
+            objects = self._compile_cuda(nvcc, gencode)
             link, rpath_dirs = find_cudart(libdirs)
-            ext.sources.append("csrc/cuda/bindings.cpp")
+            ext.sources += sorted(p.relative_to(ROOT).as_posix() for p in (CSRC / "cuda").glob("*.cpp"))
             ext.extra_objects += objects
             ext.include_dirs += includes
             ext.library_dirs += rpath_dirs
             ext.extra_link_args += link + [f"-Wl,-rpath,{d}" for d in rpath_dirs]
             ext.define_macros.append(("DYNASPARSE_WITH_CUDA", "1"))
+            cuda_note = f"built for {' '.join(g.rsplit('code=', 1)[1] for g in gencode)} by {nvcc}"
+        elif os.environ.get("DYNASPARSE_CUDA", "").strip() == "0":
+            cuda_note = "not built: DYNASPARSE_CUDA=0 at build time"
+        else:
+            cuda_note = "not built: nvcc was not found at build time (rebuild with nvcc on PATH, or set NVCC)"
+        self._write_build_info(ext, cuda_note)
         _log("backends built: cpu" + (", cuda" if build_cuda else "")
              + "; triton kernels are Python, compiled at first use")
-        if not build_cuda:
-            _log("CUDA kernels not built: " + ("DYNASPARSE_CUDA=0" if os.environ.get("DYNASPARSE_CUDA") == "0"
-                                                else "nvcc not found"))
+        _log(f"CUDA kernels {cuda_note}")
         super().build_extensions()
+
+    def _write_build_info(self, ext, cuda_note):
+        """What the build did, compiled into _C (`dynasparse._C.cuda_build`), so that
+        dynasparse.backends() can say why CUDA is missing rather than guess."""
+        generated = Path(self.build_temp).resolve() / "generated"
+        generated.mkdir(parents=True, exist_ok=True)
+        header = generated / "dynasparse_build_info.h"
+        text = f"#pragma once\n#define DYNASPARSE_CUDA_BUILD {json.dumps(cuda_note)}\n"
+        if not header.exists() or header.read_text() != text:  # unchanged: no rebuild
+            header.write_text(text)
+        ext.include_dirs.append(str(generated))
 
     def _compile_cuda(self, nvcc, gencode):
         sources = sorted((CSRC / "cuda").glob("*.cu"))
@@ -162,7 +181,7 @@ class BuildWithNvcc(BuildExtension):
         command = ["ninja", "-C", str(out_dir)]
         if os.environ.get("MAX_JOBS"):
             command += ["-j", os.environ["MAX_JOBS"]]
-        _log(f"compiling {len(sources)} CUDA file(s) for {' '.join(g.rsplit('code=', 1)[1] for g in gencode)}")
+        _log(f"compiling {len(sources)} CUDA file(s)")
         subprocess.run(command, check=True)
         return objects
 

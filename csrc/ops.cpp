@@ -1,5 +1,5 @@
 // Every dynasparse op schema, defined once. Kernels register per dispatch key in
-// csrc/cpu/*.cpp and csrc/cuda/bindings.cpp; fake (meta) implementations, autograd
+// csrc/cpu/*.cpp and csrc/cuda/*_bindings.cpp; fake (meta) implementations, autograd
 // and the Triton variants live in python/dynasparse/ops/<family>.py, which derives the
 // Triton schemas from these so that no schema is written twice. One fragment per
 // family, so each can tell torch which Python module holds its fake implementations.

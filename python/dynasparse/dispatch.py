@@ -68,15 +68,17 @@ def _probe() -> dict[str, BackendStatus]:
         f"C++ kernels, {torch.get_num_threads()} threads" if cpu_built
         else "dynasparse._C has no CPU kernels: the native library did not build or load")
 
+    from . import _C
+
     cuda_built = any(_has_kernel(op, "CUDA") for op in native_ops)
     if not cuda_built:
-        cuda_detail = "not built: nvcc was not found at build time (rebuild with nvcc on PATH, or DYNASPARSE_CUDA=1)"
+        cuda_detail = _C.cuda_build
     elif torch.version.cuda is None:
-        cuda_detail = "built, not runnable: this torch is a CPU-only build"
+        cuda_detail = f"{_C.cuda_build}; not runnable: this torch is a CPU-only build"
     elif not cuda_device:
-        cuda_detail = "built, not runnable: torch sees no CUDA device"
+        cuda_detail = f"{_C.cuda_build}; not runnable: torch sees no CUDA device"
     else:
-        cuda_detail = f"CUDA C++ kernels on {torch.cuda.get_device_name()}"
+        cuda_detail = f"CUDA C++ kernels on {torch.cuda.get_device_name()} ({_C.cuda_build})"
     statuses["cuda"] = BackendStatus("cuda", cuda_built, ("cuda",) if cuda_built and cuda_device else (),
                                      cuda_detail)
 

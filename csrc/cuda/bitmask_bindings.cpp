@@ -1,29 +1,14 @@
-// CUDA dispatch registrations: tensors -> the torch-free launchers in csrc/cuda/*.cuh.
-// Only device-generic c10 APIs are used (torch's CUDA headers do not compile against a
-// CPU-only torch), so this builds on CI and runs wherever torch has CUDA.
+// CUDA registrations of the bitmask ops: tensors -> the torch-free launchers in bitmask.cuh.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
-
-#include <cuda_runtime_api.h>
 
 #include "bitmask.h"
 #include "cuda/bitmask.cuh"
+#include "cuda/torch_interop.h"
 
 namespace dynasparse {
 namespace {
-
-// The caller's current stream on the tensor's device: kernels never use the default stream.
-cudaStream_t current_stream(const at::Tensor& tensor) {
-  c10::impl::VirtualGuardImpl guard_impl(c10::DeviceType::CUDA);
-  return static_cast<cudaStream_t>(guard_impl.getStream(tensor.device()).native_handle());
-}
-
-void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, "dynasparse.", op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(status));
-}
 
 at::Tensor pack_mask_cuda(const at::Tensor& mask_in) {
   check_pack_mask(mask_in);
