@@ -25,6 +25,9 @@ def test_backends_table_matches_the_dispatcher_and_the_machine():
     assert status["cuda"].usable == (status["cuda"].built and torch.cuda.is_available())
     if status["cuda"].built and not torch.cuda.is_available():
         assert "not runnable" in status["cuda"].detail
+    # The build's own record of what it did agrees with what the dispatcher has.
+    assert dynasparse._C.cuda_build.startswith("built for ") == status["cuda"].built
+    assert dynasparse._C.cuda_build in status["cuda"].detail
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     assert ("cpu" in status["triton"].devices) == (status["triton"].built and interpreting)
     assert ("cuda" in status["triton"].devices) == (status["triton"].built and torch.cuda.is_available())
