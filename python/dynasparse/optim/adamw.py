@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
@@ -68,7 +69,7 @@ class AdamW(SparseOptimizerMixin, torch.optim.AdamW):
             self._fused_step(fused, call, key=lambda p: int(self.state[p]["step"].item()))
             if plain:
                 states = [self._state_of(param, amsgrad) for param in plain]
-                torch.optim.adam.adam(plain, [p.grad for p in plain], [s["exp_avg"] for s in states],
+                torch_adam(plain, [p.grad for p in plain], [s["exp_avg"] for s in states],
                                       [s["exp_avg_sq"] for s in states],
                                       [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                                       [s["step"] for s in states], foreach=False, decoupled_weight_decay=True,

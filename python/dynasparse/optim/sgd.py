@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch.optim.sgd import sgd as torch_sgd
 
 from .. import ops
 from ._sparse import SparseOptimizerMixin, reject_unsupported, split_params
@@ -60,7 +61,7 @@ class SGD(SparseOptimizerMixin, torch.optim.SGD):
                              and self.state[p].get("momentum_buffer") is None)
             if plain:
                 buffers = [self.state[p].get("momentum_buffer") for p in plain]
-                torch.optim.sgd.sgd(plain, [p.grad for p in plain], buffers, foreach=False,
+                torch_sgd(plain, [p.grad for p in plain], buffers, foreach=False,
                                     weight_decay=group["weight_decay"], momentum=momentum, lr=lr,
                                     dampening=group["dampening"], nesterov=group["nesterov"],
                                     maximize=group["maximize"])
