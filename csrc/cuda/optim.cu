@@ -38,7 +38,7 @@ __global__ void sgd_step_kernel(StepTensor t, SgdScalars s, StatisticRule rule, 
     const bool kept = t.mask == nullptr || t.mask[i];
     float w = t.weight[i];
     float b = kMomentum ? t.state[0][i] : 0.0f;
-    sgd_update<kMomentum>(w, b, g, kept || t.feedback, s);
+    sgd_update<kMomentum>(w, b, g, lane_mask(kept || t.feedback), s);
     t.weight[i] = w;
     if (kMomentum) t.state[0][i] = b;
     if (!kept) error += static_cast<double>(w) * w;
@@ -58,7 +58,7 @@ __global__ void adamw_step_kernel(StepTensor t, AdamwScalars s, StatisticRule ru
     const bool kept = t.mask == nullptr || t.mask[i];
     float w = t.weight[i], m = t.state[0][i], v = t.state[1][i];
     float v_max = kAmsgrad ? t.state[2][i] : 0.0f;
-    adamw_update<kAmsgrad>(w, m, v, v_max, g, kept || t.feedback, s);
+    adamw_update<kAmsgrad>(w, m, v, v_max, g, lane_mask(kept || t.feedback), s);
     t.weight[i] = w;
     t.state[0][i] = m;
     t.state[1][i] = v;
