@@ -81,7 +81,8 @@ inline StatisticRule check_step_inputs(const char* op, at::TensorList params, at
     TORCH_CHECK_VALUE(statistic == "none", "dynasparse.", op,
                       ": statistic must be 'none', 'abs' or 'square', got '", std::string(statistic), "'");
   }
-  check_state_list(op, "statistics", statistics, params, rule.kind != Statistic::kNone, " when statistic is set, else none");
+  check_state_list(op, "statistics", statistics, params, rule.kind != Statistic::kNone,
+                   " when statistic is set, else none");
   if (statistic_ema.has_value()) {
     const double ema = *statistic_ema;
     TORCH_CHECK_VALUE(ema >= 0.0 && ema < 1.0, "dynasparse.", op, ": statistic_ema must be in [0, 1), got ", ema);
@@ -98,7 +99,8 @@ inline SgdScalars check_sgd(at::TensorList params, at::TensorList momentum_buffe
   TORCH_CHECK_VALUE(weight_decay >= 0.0, "dynasparse.sgd_step: weight_decay must be >= 0, got ", weight_decay);
   TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0),
                     "dynasparse.sgd_step: nesterov needs momentum > 0 and dampening == 0");
-  check_state_list("sgd_step", "momentum_buffers", momentum_buffers, params, momentum != 0.0, " when momentum != 0, else none");
+  check_state_list("sgd_step", "momentum_buffers", momentum_buffers, params, momentum != 0.0,
+                   " when momentum != 0, else none");
   return {static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
           static_cast<float>(weight_decay), maximize ? -1.0f : 1.0f, nesterov, first_step};
 }

@@ -100,7 +100,8 @@ class SparseOptimizerMixin:
 
     def _fused_step(self, params: list[torch.Tensor], call: Callable[..., torch.Tensor],
                     key: Callable[[torch.Tensor], object] = lambda param: None) -> None:
-        """Run `call(params, grads, masks, feedback, statistics)` once per (device, key(param))."""
+        """Run `call(params, grads, masks, feedback, statistics, key)` once per (device, key(param))
+        batch, and keep the error norms it returns for the sparse parameters."""
         batches: dict[object, list[torch.Tensor]] = defaultdict(list)
         for param in params:
             batches[(param.device, key(param))].append(param)
