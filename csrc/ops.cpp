@@ -14,3 +14,24 @@ TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor packed, SymInt k) -> Tensor");
 }
+
+// Fused optimizer steps over every tensor of a parameter group (python/dynasparse/optim).
+// fp32 params and state, fp32/bf16/fp16 grads. Per tensor, masks[i] (bool, shaped like the
+// param) or None (dense) and feedback[i]: with a mask, feedback=True updates every weight
+// (DPF: the gradient taken at m * w trains the dense w), feedback=False (masked) updates the
+// active weights only and sets pruned weights and their state to exactly zero. State lists
+// are empty when unused (momentum == 0, amsgrad == False); statistics is empty or one fp32
+// buffer per param accumulating f(grad) = |grad| ("abs") or grad^2 ("square") at every
+// position, as a running sum (statistic_ema=None) or s = ema * s + (1 - ema) * f. Returns
+// the fp32 norms ||w - m * w|| after the step, one per param (0 for dense params).
+TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
+  m.set_python_module("dynasparse.ops.optim");
+  m.def("sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, "
+        "bool[] feedback, Tensor(c!)[] statistics, float lr, float momentum, float dampening, "
+        "float weight_decay, bool nesterov, bool maximize, bool first_step, str statistic, "
+        "float? statistic_ema) -> Tensor");
+  m.def("adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] masks, bool[] feedback, Tensor(e!)[] statistics, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool amsgrad, "
+        "bool maximize, str statistic, float? statistic_ema) -> Tensor");
+}

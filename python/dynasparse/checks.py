@@ -41,3 +41,91 @@ def check_unpack_mask(packed: torch.Tensor, k: int) -> None:
     if packed.shape[-1] != words_per_row(k):
         raise ValueError(f"dynasparse.unpack_mask: a row of {k} mask elements packs into {words_per_row(k)} "
                          f"int32 words, but packed has {packed.shape[-1]} in its last dimension")
+
+
+# Fused optimizer steps (csrc/optim.h): lists of per-parameter tensors.
+
+STATISTICS = ("none", "abs", "square")
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_same_layout(op: str, name: str, i: int, tensor: torch.Tensor, param: torch.Tensor) -> None:
+    if tensor.device != param.device:
+        raise ValueError(f"dynasparse.{op}: {name}[{i}] is on {tensor.device} but params[{i}] is on {param.device}")
+    if tensor.shape != param.shape:
+        raise ValueError(f"dynasparse.{op}: {name}[{i}] has shape {list(tensor.shape)} "
+                         f"but params[{i}] has shape {list(param.shape)}")
+
+
+def _check_state_list(op: str, name: str, tensors, params, used: bool, used_when: str) -> None:
+    expected = len(params) if used else 0
+    if len(tensors) != expected:
+        raise ValueError(f"dynasparse.{op}: {name} must hold {expected} tensors (one per param{used_when}), "
+                         f"got {len(tensors)}")
+    for i, (tensor, param) in enumerate(zip(tensors, params)):
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"dynasparse.{op}: {name}[{i}] must be torch.float32, got {_dtype_name(tensor.dtype)}")
+        _check_same_layout(op, name, i, tensor, param)
+        if not tensor.is_contiguous():
+            raise ValueError(f"dynasparse.{op}: {name}[{i}] must be contiguous (it is updated in place)")
+
+
+def check_step_inputs(op: str, params, grads, masks, feedback, statistics, statistic: str,
+                      statistic_ema: float | None) -> None:
+    n = len(params)
+    if not (len(grads) == n and len(masks) == n and len(feedback) == n):
+        raise ValueError(f"dynasparse.{op}: params, grads, masks and feedback must have the same length, "
+                         f"got {n}, {len(grads)}, {len(masks)} and {len(feedback)}")
+    for i, (param, grad, mask) in enumerate(zip(params, grads, masks)):
+        if param.dtype != torch.float32:
+            raise TypeError(f"dynasparse.{op}: params[{i}] must be torch.float32, got {_dtype_name(param.dtype)}")
+        if not param.is_contiguous():
+            raise ValueError(f"dynasparse.{op}: params[{i}] must be contiguous (it is updated in place)")
+        if param.device != params[0].device:
+            raise ValueError(f"dynasparse.{op}: all params must be on one device, "
+                             f"got {params[0].device} and {param.device}")
+        if grad.dtype not in GRAD_DTYPES:
+            raise TypeError(f"dynasparse.{op}: grads[{i}] must be torch.float32, bfloat16 or float16, "
+                            f"got {_dtype_name(grad.dtype)}")
+        _check_same_layout(op, "grads", i, grad, param)
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"dynasparse.{op}: masks[{i}] must be torch.bool, got {_dtype_name(mask.dtype)} "
+                                "(masks are explicit bool tensors; never derive one from weight == 0)")
+            _check_same_layout(op, "masks", i, mask, param)
+    if statistic not in STATISTICS:
+        raise ValueError(f"dynasparse.{op}: statistic must be 'none', 'abs' or 'square', got '{statistic}'")
+    _check_state_list(op, "statistics", statistics, params, statistic != "none", " when statistic is set, else none")
+    if statistic_ema is not None and not 0.0 <= statistic_ema < 1.0:
+        raise ValueError(f"dynasparse.{op}: statistic_ema must be in [0, 1), got {statistic_ema}")
+
+
+def check_sgd(params, momentum_buffers, lr: float, momentum: float, dampening: float, weight_decay: float,
+              nesterov: bool) -> None:
+    if lr < 0.0:
+        raise ValueError(f"dynasparse.sgd_step: lr must be >= 0, got {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"dynasparse.sgd_step: momentum must be >= 0, got {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"dynasparse.sgd_step: weight_decay must be >= 0, got {weight_decay}")
+    if nesterov and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError("dynasparse.sgd_step: nesterov needs momentum > 0 and dampening == 0")
+    _check_state_list("sgd_step", "momentum_buffers", momentum_buffers, params, momentum != 0.0,
+                      " when momentum != 0, else none")
+
+
+def check_adamw(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float, step: int, amsgrad: bool) -> None:
+    if lr < 0.0:
+        raise ValueError(f"dynasparse.adamw_step: lr must be >= 0, got {lr}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"dynasparse.adamw_step: betas must be in [0, 1), got ({beta1}, {beta2})")
+    if eps < 0.0:
+        raise ValueError(f"dynasparse.adamw_step: eps must be >= 0, got {eps}")
+    if weight_decay < 0.0:
+        raise ValueError(f"dynasparse.adamw_step: weight_decay must be >= 0, got {weight_decay}")
+    if step < 1:
+        raise ValueError(f"dynasparse.adamw_step: step (the count including this one) must be >= 1, got {step}")
+    _check_state_list("adamw_step", "exp_avgs", exp_avgs, params, True, "")
+    _check_state_list("adamw_step", "exp_avg_sqs", exp_avg_sqs, params, True, "")
+    _check_state_list("adamw_step", "max_exp_avg_sqs", max_exp_avg_sqs, params, amsgrad, " when amsgrad, else none")

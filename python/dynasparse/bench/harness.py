@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 # Importing these registers their cases; a new family appends its module here.
-CASE_MODULES = ("dynasparse.bench.cases",)
+CASE_MODULES = ("dynasparse.bench.cases", "dynasparse.bench.optim_cases")
 
 SCHEMA_VERSION = 1
 QUICK_TARGET_S = 0.2

@@ -5,5 +5,6 @@ Each takes `backend=None` (choose by device and what is built) or one of
 """
 
 from .bitmask import pack_mask, unpack_mask
+from .optim import adamw_step, sgd_step
 
-__all__ = ["pack_mask", "unpack_mask"]
+__all__ = ["adamw_step", "pack_mask", "sgd_step", "unpack_mask"]

@@ -63,7 +63,10 @@ class Op:
         return [self.native] + ([self.triton] if self.triton is not None else [])
 
     def __call__(self, *args, backend: str | None = None, device: torch.device | None = None):
-        device = device if device is not None else args[0].device
+        if device is None:
+            # Ops over tensor lists (the fused optimizer steps) run where their first tensor is.
+            first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+            device = first.device
         chosen = dispatch.select_backend(self.name, device, backend, self.preference)
         if chosen == "reference":
             return self.reference(*args)

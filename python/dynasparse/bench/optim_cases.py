@@ -1,0 +1,82 @@
+"""Benchmark cases of the fused optimizer steps, registered on import.
+
+Baseline: what one writes without dynasparse: torch.optim with foreach=True, then the masking
+(pruned weights and state * mask) or the statistics (|g| summed per weight) and the error
+norms (||w * ~m|| per tensor) as separate foreach ops. Variant: dynasparse.optim's one pass,
+through the op backends usable on the device. Both step the same parameters (each call moves
+them a little; only speed is compared here, correctness is tested in tests/optim).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynasparse import usable_backends
+from dynasparse import optim as sparse_optim
+
+from .harness import Case, register
+
+DENSITY = 0.2
+# (total parameters, tensors): 25M over 50 tensors is a mid-size CNN or transformer; the quick
+# case keeps a smoke run within seconds.
+SIZES = ((25_000_000, 50, False), (1_000_000, 50, True))
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, sparse_optim.SGD, dict(lr=1e-3, momentum=0.9, weight_decay=5e-4)),
+    "adamw": (torch.optim.AdamW, sparse_optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+}
+
+
+def _tensors(total: int, count: int, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    # Uneven sizes, like the layers of a real network.
+    weights = torch.rand(count, generator=generator) + 0.5
+    sizes = (weights / weights.sum() * total).long().tolist()
+    params = [torch.nn.Parameter(torch.randn(size, generator=generator).to(device)) for size in sizes]
+    for param in params:
+        param.grad = 1e-3 * torch.randn(param.shape, generator=generator).to(device)
+    masks = [(torch.rand(size, generator=generator) < DENSITY).to(device) for size in sizes]
+    return params, masks
+
+
+def optim_workload(device: torch.device, optimizer: str, mode: str, total: int, tensors: int):
+    torch_cls, ours_cls, kwargs = OPTIMIZERS[optimizer]
+    params, masks = _tensors(total, tensors, device)
+    grads = [p.grad for p in params]
+    baseline_optimizer = torch_cls(params, foreach=True, **kwargs)
+    pruned = [~mask for mask in masks]
+    statistics = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def baseline():
+        if mode == "masked":
+            baseline_optimizer.step()
+            torch._foreach_mul_(params, masks)
+            for state_key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                state = [baseline_optimizer.state[p][state_key] for p in params
+                         if state_key in baseline_optimizer.state[p]]
+                if state:
+                    torch._foreach_mul_(state, masks)
+            return None
+        torch._foreach_add_(statistics, torch._foreach_abs(grads))
+        baseline_optimizer.step()
+        return torch._foreach_norm(torch._foreach_mul(params, pruned))
+
+    ours = ours_cls(params, masks={p: (m, mode) for p, m in zip(params, masks)},
+                    statistic=None if mode == "masked" else "abs", **kwargs)
+    device_backends = [b for b in usable_backends(device, f"{optimizer}_step")
+                       if b != "reference" and not (b == "triton" and device.type == "cpu")]
+    # The optimizer picks the backend itself (the first usable one), so it is one variant.
+    variants = {f"fused-{device_backends[0]}": ours.step} if device_backends else {}
+    return baseline, variants
+
+
+def _register_optim_cases() -> None:
+    for total, tensors, quick in SIZES:
+        for optimizer in OPTIMIZERS:
+            for mode, detail in (("masked", "masked"), ("feedback", "feedback-stats")):
+                params = {"optimizer": optimizer, "mode": mode, "total": total, "tensors": tensors}
+                register(Case("optim", f"{optimizer}-{detail}-{total // 1_000_000}M-{tensors}t", params,
+                              optim_workload, quick=quick, check=None))
+
+
+_register_optim_cases()
