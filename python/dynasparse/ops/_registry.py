@@ -34,6 +34,14 @@ def _define_triton_variant(name: str, kernel: Callable) -> torch._ops.OpOverload
     return getattr(torch.ops.dynasparse, f"{name}_triton").default
 
 
+def _device_of(first_argument: torch.Tensor | list[torch.Tensor]) -> torch.device:
+    """Where a call runs: its first argument's device; for a tensor list (all on one
+    device, which the op checks), its first tensor's, and CPU for an empty list."""
+    if isinstance(first_argument, (list, tuple)):
+        return first_argument[0].device if first_argument else torch.device("cpu")
+    return first_argument.device
+
+
 class Op:
     """A dynasparse op: one schema, its implementations, and per-call backend choice.
 
@@ -63,7 +71,7 @@ class Op:
         return [self.native] + ([self.triton] if self.triton is not None else [])
 
     def __call__(self, *args, backend: str | None = None, device: torch.device | None = None):
-        device = device if device is not None else args[0].device
+        device = device if device is not None else _device_of(args[0])
         chosen = dispatch.select_backend(self.name, device, backend, self.preference)
         if chosen == "reference":
             return self.reference(*args)
