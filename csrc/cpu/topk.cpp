@@ -183,6 +183,87 @@ class RadixSelect {
     return is_list_ ? "scores[" + std::to_string(source) + "]" : std::string("scores");
   }
 
+  // Blocks small enough to stay in L1 between a vectorized loop over them and a scalar one.
+  static constexpr int64_t kBlock = 256;
+
+  // Digits of every candidate's key into `counts` (two interleaved sets of `bins`); true
+  // if a candidate is NaN.
+  bool count_all_digits(const Chunk& chunk, int shift, int64_t bins, uint32_t* counts) const {
+    const Source<scalar_t>& source = sources_[chunk.source];
+    const Key digit_mask = static_cast<Key>(bins - 1);
+    uint32_t nan = 0;
+    std::array<uint16_t, kBlock> digits;
+    std::array<uint8_t, kBlock> weights;
+    for (int64_t start = chunk.begin; start < chunk.end; start += kBlock) {
+      const int64_t length = std::min(kBlock, chunk.end - start);
+      const scalar_t* scores = source.scores + start;
+      for (int64_t j = 0; j < length; ++j) {
+        digits[j] = static_cast<uint16_t>((Traits::key(scores[j]) >> shift) & digit_mask);
+      }
+      if (source.candidates == nullptr) {
+        for (int64_t j = 0; j < length; ++j) nan |= Traits::is_nan(scores[j]);
+        int64_t j = 0;
+        for (; j + 1 < length; j += 2) {
+          ++counts[digits[j]];
+          ++counts[bins + digits[j + 1]];
+        }
+        if (j < length) ++counts[digits[j]];
+      } else {
+        const bool* candidates = source.candidates + start;
+        for (int64_t j = 0; j < length; ++j) {
+          weights[j] = candidates[j];
+          nan |= candidates[j] & Traits::is_nan(scores[j]);
+        }
+        int64_t j = 0;
+        for (; j + 1 < length; j += 2) {
+          counts[digits[j]] += weights[j];
+          counts[bins + digits[j + 1]] += weights[j + 1];
+        }
+        if (j < length) counts[digits[j]] += weights[j];
+      }
+    }
+    return nan != 0;
+  }
+
+  // Digits of the candidates' keys that match `prefix` under `prefix_mask`. A vectorized
+  // loop flags the matches, skipping blocks without any (most, past the second pass);
+  // the matching digits are packed to the front without branches, then counted.
+  void count_matching_digits(const Chunk& chunk, Key prefix, Key prefix_mask, int shift, int64_t bins,
+                             uint32_t* counts) const {
+    const Source<scalar_t>& source = sources_[chunk.source];
+    const Key digit_mask = static_cast<Key>(bins - 1);
+    std::array<uint16_t, kBlock> digits;
+    std::array<uint8_t, kBlock> matches;
+    for (int64_t start = chunk.begin; start < chunk.end; start += kBlock) {
+      const int64_t length = std::min(kBlock, chunk.end - start);
+      const scalar_t* scores = source.scores + start;
+      uint32_t any = 0;
+      if (source.candidates == nullptr) {
+        for (int64_t j = 0; j < length; ++j) {
+          const Key key = Traits::key(scores[j]);
+          matches[j] = (key & prefix_mask) == prefix;
+          digits[j] = static_cast<uint16_t>((key >> shift) & digit_mask);
+          any |= matches[j];
+        }
+      } else {
+        const bool* candidates = source.candidates + start;
+        for (int64_t j = 0; j < length; ++j) {
+          const Key key = Traits::key(scores[j]);
+          matches[j] = candidates[j] & ((key & prefix_mask) == prefix);
+          digits[j] = static_cast<uint16_t>((key >> shift) & digit_mask);
+          any |= matches[j];
+        }
+      }
+      if (!any) continue;
+      int64_t matched = 0;
+      for (int64_t j = 0; j < length; ++j) {
+        digits[matched] = digits[j];
+        matched += matches[j];
+      }
+      for (int64_t j = 0; j < matched; ++j) ++counts[digits[j]];
+    }
+  }
+
   // Counts of the digit at `shift` over the candidates whose key matches `prefix` under
   // `prefix_mask`. The first pass matches everything and also looks for NaN.
   template <bool kFirstPass>
@@ -194,35 +275,18 @@ class RadixSelect {
     at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       int64_t* totals = per_thread.data() + at::get_thread_num() * bins;
       int64_t& first_nan = first_nan_source[at::get_thread_num()];
-      // Chunk-local 32-bit counters: a chunk is far below 2^32 elements.
-      std::array<uint32_t, (1 << kMaxDigitBits)> local;
+      // Chunk-local 32-bit counters (a chunk is far below 2^32 elements), two sets that
+      // alternate so that runs of equal digits do not serialize on one counter.
+      std::array<uint32_t, 2 << kMaxDigitBits> local;
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         const Chunk& chunk = chunks_[c];
-        const Source<scalar_t>& source = sources_[chunk.source];
-        std::fill(local.begin(), local.begin() + bins, 0u);
-        const Key digit_mask = static_cast<Key>(bins - 1);
+        std::fill(local.begin(), local.begin() + 2 * bins, 0u);
         if (kFirstPass) {
-          bool nan = false;
-          if (source.candidates == nullptr) {
-            for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-              nan |= Traits::is_nan(source.scores[i]);
-              ++local[(Traits::key(source.scores[i]) >> shift) & digit_mask];
-            }
-          } else {
-            for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-              const bool candidate = source.candidates[i];
-              nan |= candidate & Traits::is_nan(source.scores[i]);
-              local[(Traits::key(source.scores[i]) >> shift) & digit_mask] += candidate;
-            }
-          }
-          if (nan) first_nan = std::min(first_nan, chunk.source);
+          if (count_all_digits(chunk, shift, bins, local.data())) first_nan = std::min(first_nan, chunk.source);
         } else {
-          for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-            const Key key = Traits::key(source.scores[i]);
-            if ((key & prefix_mask) == prefix && is_candidate(source, i)) ++local[(key >> shift) & digit_mask];
-          }
+          count_matching_digits(chunk, prefix, prefix_mask, shift, bins, local.data());
         }
-        for (int64_t bin = 0; bin < bins; ++bin) totals[bin] += local[bin];
+        for (int64_t bin = 0; bin < bins; ++bin) totals[bin] += local[bin] + local[bins + bin];
       }
     });
     if (kFirstPass) {
@@ -251,17 +315,7 @@ class RadixSelect {
     const int64_t chunks = static_cast<int64_t>(chunks_.size());
     if (keep_equal == equal_to_kth) {
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-        for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-          const Chunk& chunk = chunks_[c];
-          const Source<scalar_t>& source = sources_[chunk.source];
-          if (source.candidates == nullptr) {
-            for (int64_t i = chunk.begin; i < chunk.end; ++i) source.mask[i] = Traits::key(source.scores[i]) >= kth;
-          } else {
-            for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-              source.mask[i] = source.candidates[i] & (Traits::key(source.scores[i]) >= kth);
-            }
-          }
-        }
+        for (int64_t c = chunk_begin; c < chunk_end; ++c) write_chunk(chunks_[c], kth, /*keep_equal_keys=*/true);
       });
       return;
     }
@@ -281,18 +335,46 @@ class RadixSelect {
     std::partial_sum(equal_before.begin(), equal_before.end(), equal_before.begin());
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        const Chunk& chunk = chunks_[c];
-        const Source<scalar_t>& source = sources_[chunk.source];
-        int64_t ties_left = keep_equal - equal_before[c];
-        for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-          const Key key = Traits::key(source.scores[i]);
-          const bool candidate = is_candidate(source, i);
-          const bool tie = candidate && key == kth && ties_left > 0;
-          ties_left -= tie;
-          source.mask[i] = (candidate && key > kth) || tie;
+        if (equal_before[c + 1] <= keep_equal) {
+          write_chunk(chunks_[c], kth, /*keep_equal_keys=*/true);
+        } else if (equal_before[c] >= keep_equal) {
+          write_chunk(chunks_[c], kth, /*keep_equal_keys=*/false);
+        } else {
+          write_boundary_chunk(chunks_[c], kth, keep_equal - equal_before[c]);
         }
       }
     });
+  }
+
+  // Keeps keys above `kth`, and keys equal to it when `keep_equal_keys`.
+  void write_chunk(const Chunk& chunk, Key kth, bool keep_equal_keys) const {
+    const Source<scalar_t>& source = sources_[chunk.source];
+    // Nothing is above the largest key; below it, key > kth is key >= kth + 1, one
+    // comparison for both cases.
+    if (!keep_equal_keys && kth == std::numeric_limits<Key>::max()) {
+      std::memset(source.mask + chunk.begin, 0, chunk.end - chunk.begin);
+      return;
+    }
+    const Key lowest_kept = keep_equal_keys ? kth : static_cast<Key>(kth + 1);
+    if (source.candidates == nullptr) {
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) source.mask[i] = Traits::key(source.scores[i]) >= lowest_kept;
+    } else {
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+        source.mask[i] = source.candidates[i] & (Traits::key(source.scores[i]) >= lowest_kept);
+      }
+    }
+  }
+
+  // The one chunk where the kept keys equal to `kth` run out: the first `ties_left` stay.
+  void write_boundary_chunk(const Chunk& chunk, Key kth, int64_t ties_left) const {
+    const Source<scalar_t>& source = sources_[chunk.source];
+    for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+      const Key key = Traits::key(source.scores[i]);
+      const bool candidate = is_candidate(source, i);
+      const bool tie = candidate && key == kth && ties_left > 0;
+      ties_left -= tie;
+      source.mask[i] = (candidate && key > kth) || tie;
+    }
   }
 
   const char* op_;
