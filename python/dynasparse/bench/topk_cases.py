@@ -1,9 +1,13 @@
 """Benchmark cases of the top-k family, registered on import.
 
-topk: the mask of the k = 10% largest scores (|weight|-like: |randn|, float32), as a user
-without dynasparse would get it: `torch.topk` and a scatter into a mask, `torch.kthvalue`
-and a comparison, or, over a list of tensors, `torch.cat` then `topk`. One case per
-baseline, so each ratio is timed against its own baseline in the same run.
+topk: the mask of the k = 10% largest scores, as a user without dynasparse would get it:
+`torch.topk` and a scatter into a mask, `torch.kthvalue` and a comparison, or, over a list
+of tensors, `torch.cat` then `topk`. One case per baseline, so each ratio is timed against
+its own baseline in the same run. The scores are distinct positive float32 values
+(consecutive bit patterns in random order: a few octaves, like the |weight| of a layer).
+Distinct, so that every baseline's mask is exactly the k largest, comparable element for
+element: with ties at the threshold, `>= kthvalue` keeps more than k, and which of the tied
+elements `topk` returns is unspecified.
 
 Every baseline and variant also reports its peak extra memory: the most bytes it held at
 once beyond what it returns, relative to the scores' size. On CUDA this is
@@ -31,8 +35,13 @@ GLOBAL_SIZES = (("50-tensors-1M", 1 << 20, True), ("50-tensors-25M", 25 << 20, F
 GLOBAL_TENSORS = 50
 
 
-def _scores(shape, device, generator) -> torch.Tensor:
-    return torch.randn(shape, generator=generator).abs_().to(device)
+# float32 1e-3: the smallest score; 25M consecutive bit patterns above it span 3 octaves.
+LOWEST_SCORE_BITS = 0x3A83126F
+
+
+def _distinct_scores(numel: int, device: torch.device, generator) -> torch.Tensor:
+    bits = torch.randperm(numel, generator=generator, dtype=torch.int64) + LOWEST_SCORE_BITS
+    return bits.to(torch.int32).view(torch.float32).to(device)
 
 
 def _layer_sizes(total: int, count: int, generator) -> list[int]:
@@ -50,7 +59,7 @@ def topk_baseline(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kthvalue_baseline(flat: torch.Tensor, k: int) -> torch.Tensor:
-    # Exact k only without ties at the threshold, which random floats do not have.
+    # Exactly k only without ties at the threshold (true of these scores).
     return flat >= torch.kthvalue(flat, flat.numel() - k + 1).values
 
 
@@ -61,7 +70,7 @@ def cat_topk_baseline(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 def topk_mask_workload(device: torch.device, numel: int, density: float, baseline: str):
-    flat = _scores(numel, device, torch.Generator().manual_seed(0))
+    flat = _distinct_scores(numel, device, torch.Generator().manual_seed(0))
     k = round(density * numel)
     reference = {"topk": topk_baseline, "kthvalue": kthvalue_baseline}[baseline]
     return (functools.partial(reference, flat, k),
@@ -71,7 +80,9 @@ def topk_mask_workload(device: torch.device, numel: int, density: float, baselin
 
 def topk_mask_global_workload(device: torch.device, numel: int, tensors: int, density: float):
     generator = torch.Generator().manual_seed(0)
-    scores = [_scores((size // 256, 256), device, generator) for size in _layer_sizes(numel, tensors, generator)]
+    sizes = _layer_sizes(numel, tensors, generator)
+    flat = _distinct_scores(sum(sizes), device, generator)
+    scores = [piece.reshape(size // 256, 256) for piece, size in zip(flat.split(sizes), sizes)]
     k = round(density * sum(tensor.numel() for tensor in scores))
     return (functools.partial(cat_topk_baseline, scores, k),
             {backend: (lambda backend=backend: ops.topk_mask_global(scores, k, backend=backend)[0])

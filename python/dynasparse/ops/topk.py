@@ -42,7 +42,14 @@ def _nm_mask_fake(scores, n, m):
 
 # The Triton kernels (dynasparse.kernels.topk) need triton: imported at the first Triton
 # call, not before. Where the module is absent, no Triton variant is registered.
-_HAS_TRITON_KERNELS = importlib.util.find_spec("dynasparse.kernels.topk") is not None
+def _has_triton_kernels() -> bool:
+    try:
+        return importlib.util.find_spec("dynasparse.kernels.topk") is not None
+    except ModuleNotFoundError:  # no dynasparse.kernels package at all
+        return False
+
+
+_HAS_TRITON_KERNELS = _has_triton_kernels()
 
 
 def _topk_mask_triton(scores, k, candidates=None):
