@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -95,10 +96,10 @@ template <typename Key>
 constexpr int kDigitBits = sizeof(Key) == 2 ? 8 : 11;
 constexpr int kMaxDigitBits = 11;
 
-// Enough chunks per thread to balance uneven tensors, few enough that the per-chunk
-// bookkeeping stays negligible.
+// Enough chunks per thread to balance uneven tensors and stalled threads, few enough that
+// the per-chunk bookkeeping stays negligible.
 constexpr int64_t kMinChunk = 1 << 15;
-constexpr int64_t kChunksPerThread = 4;
+constexpr int64_t kChunksPerThread = 16;
 
 template <typename scalar_t>
 struct Source {
@@ -272,22 +273,21 @@ class RadixSelect {
     const int threads = at::get_num_threads();
     std::vector<int64_t> per_thread(threads * bins, 0);
     std::vector<int64_t> first_nan_source(threads, std::numeric_limits<int64_t>::max());
-    at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for_each_chunk([&](const Chunk& chunk) {
       int64_t* totals = per_thread.data() + at::get_thread_num() * bins;
-      int64_t& first_nan = first_nan_source[at::get_thread_num()];
       // Chunk-local 32-bit counters (a chunk is far below 2^32 elements), two sets that
       // alternate so that runs of equal digits do not serialize on one counter.
       std::array<uint32_t, 2 << kMaxDigitBits> local;
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        const Chunk& chunk = chunks_[c];
-        std::fill(local.begin(), local.begin() + 2 * bins, 0u);
-        if (kFirstPass) {
-          if (count_all_digits(chunk, shift, bins, local.data())) first_nan = std::min(first_nan, chunk.source);
-        } else {
-          count_matching_digits(chunk, prefix, prefix_mask, shift, bins, local.data());
+      std::fill(local.begin(), local.begin() + 2 * bins, 0u);
+      if (kFirstPass) {
+        if (count_all_digits(chunk, shift, bins, local.data())) {
+          int64_t& first_nan = first_nan_source[at::get_thread_num()];
+          first_nan = std::min(first_nan, chunk.source);
         }
-        for (int64_t bin = 0; bin < bins; ++bin) totals[bin] += local[bin] + local[bins + bin];
+      } else {
+        count_matching_digits(chunk, prefix, prefix_mask, shift, bins, local.data());
       }
+      for (int64_t bin = 0; bin < bins; ++bin) totals[bin] += local[bin] + local[bins + bin];
     });
     if (kFirstPass) {
       const int64_t nan_source = *std::min_element(first_nan_source.begin(), first_nan_source.end());
@@ -301,47 +301,51 @@ class RadixSelect {
     return counts;
   }
 
+  // Runs `process(chunk)` over every chunk on the thread pool. Threads claim chunks one at
+  // a time, so one that the OS preempts (these machines are shared) leaves its remaining
+  // chunks to the others instead of holding them up.
+  template <typename F>
+  void for_each_chunk(const F& process) const {
+    std::atomic<int64_t> next{0};
+    const int64_t chunks = static_cast<int64_t>(chunks_.size());
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+      for (int64_t c = next++; c < chunks; c = next++) process(chunks_[c]);
+    });
+  }
+
+  int64_t index_of(const Chunk& chunk) const { return &chunk - chunks_.data(); }
+
   void write_nothing_kept() {
-    at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        const Chunk& chunk = chunks_[c];
-        std::memset(sources_[chunk.source].mask + chunk.begin, 0, chunk.end - chunk.begin);
-      }
+    for_each_chunk([&](const Chunk& chunk) {
+      std::memset(sources_[chunk.source].mask + chunk.begin, 0, chunk.end - chunk.begin);
     });
   }
 
   // Keeps keys above `kth`, and the first `keep_equal` of the `equal_to_kth` keys equal to it.
   void write_masks(Key kth, int64_t keep_equal, int64_t equal_to_kth) {
-    const int64_t chunks = static_cast<int64_t>(chunks_.size());
     if (keep_equal == equal_to_kth) {
-      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-        for (int64_t c = chunk_begin; c < chunk_end; ++c) write_chunk(chunks_[c], kth, /*keep_equal_keys=*/true);
-      });
+      for_each_chunk([&](const Chunk& chunk) { write_chunk(chunk, kth, /*keep_equal_keys=*/true); });
       return;
     }
     // Only some of the ties are kept: each chunk learns how many equal keys precede it.
-    std::vector<int64_t> equal_before(chunks + 1, 0);
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        const Chunk& chunk = chunks_[c];
-        const Source<scalar_t>& source = sources_[chunk.source];
-        int64_t equal = 0;
-        for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-          equal += (Traits::key(source.scores[i]) == kth) & is_candidate(source, i);
-        }
-        equal_before[c + 1] = equal;
+    std::vector<int64_t> equal_before(chunks_.size() + 1, 0);
+    for_each_chunk([&](const Chunk& chunk) {
+      const Source<scalar_t>& source = sources_[chunk.source];
+      int64_t equal = 0;
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+        equal += (Traits::key(source.scores[i]) == kth) & is_candidate(source, i);
       }
+      equal_before[index_of(chunk) + 1] = equal;
     });
     std::partial_sum(equal_before.begin(), equal_before.end(), equal_before.begin());
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        if (equal_before[c + 1] <= keep_equal) {
-          write_chunk(chunks_[c], kth, /*keep_equal_keys=*/true);
-        } else if (equal_before[c] >= keep_equal) {
-          write_chunk(chunks_[c], kth, /*keep_equal_keys=*/false);
-        } else {
-          write_boundary_chunk(chunks_[c], kth, keep_equal - equal_before[c]);
-        }
+    for_each_chunk([&](const Chunk& chunk) {
+      const int64_t c = index_of(chunk);
+      if (equal_before[c + 1] <= keep_equal) {
+        write_chunk(chunk, kth, /*keep_equal_keys=*/true);
+      } else if (equal_before[c] >= keep_equal) {
+        write_chunk(chunk, kth, /*keep_equal_keys=*/false);
+      } else {
+        write_boundary_chunk(chunk, kth, keep_equal - equal_before[c]);
       }
     });
   }
