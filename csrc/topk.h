@@ -37,10 +37,12 @@ inline void check_topk_mask(const at::Tensor& scores, int64_t k, const std::opti
   if (candidates.has_value()) {
     TORCH_CHECK_TYPE(candidates->scalar_type() == at::kBool,
                      "dynasparse.topk_mask: candidates must be torch.bool, got ", candidates->scalar_type());
-    TORCH_CHECK_VALUE(candidates->sizes() == scores.sizes(), "dynasparse.topk_mask: candidates must have scores' shape ",
-                      scores.sizes(), ", got ", candidates->sizes());
-    TORCH_CHECK_VALUE(candidates->device() == scores.device(), "dynasparse.topk_mask: candidates must be on scores' device (",
-                      scores.device(), "), got ", candidates->device());
+    TORCH_CHECK_VALUE(candidates->sizes() == scores.sizes(),
+                      "dynasparse.topk_mask: candidates must have scores' shape ", scores.sizes(), ", got ",
+                      candidates->sizes());
+    TORCH_CHECK_VALUE(candidates->device() == scores.device(),
+                      "dynasparse.topk_mask: candidates must be on scores' device (", scores.device(), "), got ",
+                      candidates->device());
     // How many candidates there are is known only to the kernel, which checks k against it.
     TORCH_CHECK_VALUE(k >= 0, "dynasparse.topk_mask: k must be >= 0, got ", k);
   } else {

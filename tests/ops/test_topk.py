@@ -204,8 +204,8 @@ def test_topk_mask_global_matches_oracle(backend, device):
 @pytest.mark.parametrize("backend,device", GLOBAL_BACKENDS)
 def test_topk_mask_global_tensor_order_breaks_ties(backend, device):
     big = 70_001 if not interpreted(backend, device) else 3_001
-    scores_list = [torch.ones(5, device=device), torch.empty(0, 3, device=device), torch.full((big,), 2.0, device=device),
-                   torch.ones(3, 4, device=device)]
+    scores_list = [torch.ones(5, device=device), torch.empty(0, 3, device=device),
+                   torch.full((big,), 2.0, device=device), torch.ones(3, 4, device=device)]
     for k in (0, 1, big, big + 3, big + 5, big + 6, big + 17):
         expected, threshold = oracle_global(scores_list, k)
         masks, got_threshold = ops.topk_mask_global(scores_list, k, backend=backend)
@@ -258,8 +258,9 @@ def bad_topk_inputs(device):
         (lambda b: ops.topk_mask(torch.zeros(4, device=device), -1, backend=b), ValueError, "k must be >= 0, got -1"),
         (lambda b: ops.topk_mask(torch.zeros(4, device=device), 5, backend=b), ValueError,
          r"k \(5\) exceeds the number of candidates \(4\)"),
-        (lambda b: ops.topk_mask(torch.zeros(4, device=device), 3, torch.tensor([True, False, True, False], device=device),
-                                 backend=b), ValueError, r"k \(3\) exceeds the number of candidates \(2\)"),
+        (lambda b: ops.topk_mask(torch.zeros(4, device=device), 3,
+                                 torch.tensor([True, False, True, False], device=device), backend=b),
+         ValueError, r"k \(3\) exceeds the number of candidates \(2\)"),
         (lambda b: ops.topk_mask(torch.zeros(4, device=device), 1, torch.zeros(4, device=device), backend=b), TypeError,
          "candidates must be torch.bool, got Float"),
         (lambda b: ops.topk_mask(torch.zeros(4, device=device), 1, torch.ones(2, 2, dtype=torch.bool, device=device),
@@ -296,7 +297,8 @@ def bad_nm_inputs(device):
          r"n must be in \[0, m\] = \[0, 4\], got 5"),
         (lambda b: ops.nm_mask(torch.zeros(2, 8, device=device), -1, 4, backend=b), ValueError, "n must be in"),
         (lambda b: ops.nm_mask(torch.zeros(2, 8, device=device), 0, 0, backend=b), ValueError, "m must be >= 1"),
-        (lambda b: ops.nm_mask(torch.tensor(1.0, device=device), 1, 1, backend=b), ValueError, "at least one dimension"),
+        (lambda b: ops.nm_mask(torch.tensor(1.0, device=device), 1, 1, backend=b), ValueError,
+         "at least one dimension"),
         (lambda b: ops.nm_mask(torch.tensor([[1.0, float("nan")]], device=device), 1, 2, backend=b), ValueError,
          "nm_mask: scores contains NaN"),
     ]
