@@ -35,3 +35,18 @@ TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool amsgrad, "
         "bool maximize, str statistic, float? statistic_ema) -> Tensor");
 }
+
+// Top-k selection: exact k, O(n) radix select (no sort), deterministic: among equal scores
+// the lower flat index is kept (tensor order first across a list); -0.0 equals 0.0; NaN
+// among the candidates is an error. The threshold is the smallest kept score, a 0-d tensor
+// of the scores' dtype (+inf when k == 0).
+TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
+  m.set_python_module("dynasparse.ops.topk");
+  // The k largest scores among `candidates` (a bool mask of scores' shape; all when None).
+  m.def("topk_mask(Tensor scores, SymInt k, Tensor? candidates=None) -> (Tensor mask, Tensor threshold)");
+  // The k largest scores over a whole list of tensors (any shapes, one dtype and device),
+  // without concatenating them.
+  m.def("topk_mask_global(Tensor[] scores, SymInt k) -> (Tensor[] masks, Tensor threshold)");
+  // N:M: the n largest scores in every group of m consecutive elements of the last dimension.
+  m.def("nm_mask(Tensor scores, int n, int m) -> Tensor");
+}

@@ -9,14 +9,26 @@ CUDA = torch.cuda.is_available()
 
 
 def backend_device_params(op: str):
-    """(backend, device) pairs for every compiled backend, the GPU ones marked `gpu`."""
+    """(backend, device) pairs for every compiled backend, the GPU ones marked `gpu`; one
+    that cannot run `op` here (e.g. no kernel of that backend for it) skips with the reason."""
     params = [pytest.param("cpu", "cpu", id="cpu")]
     if dispatch.status("triton").built:
         params.append(pytest.param("triton", "cpu", id="triton-interpreted",
                                    marks=pytest.mark.skipif(CUDA, reason="Triton runs compiled on this GPU machine")))
         params.append(pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu))
     params.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu))
-    return params
+    return [_skip_where_unusable(param, op) for param in params]
+
+
+def _skip_where_unusable(param, op: str):
+    backend, device = param.values
+    if device == "cuda" and not CUDA:
+        return param  # the gpu marker skips it with its reason
+    reason = dispatch._runs_on(backend, op, device)
+    if reason is None:
+        return param
+    return pytest.param(backend, device, id=param.id,
+                        marks=[*param.marks, pytest.mark.skip(reason=f"{backend} cannot run {op}: {reason}")])
 
 
 def poison_allocator(nbytes: int, device: str) -> None:

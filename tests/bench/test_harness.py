@@ -118,6 +118,24 @@ def test_failures_are_recorded_and_the_run_goes_on(registry):
     assert report.failed
 
 
+def test_metrics_are_measured_for_the_baseline_and_each_variant_and_reported(registry):
+    seen = []
+
+    def output_bytes(fn, device):
+        seen.append(fn)
+        return {"output_bytes": float(fn().numel() * 8), "device_is_cpu": float(device.type == "cpu")}
+
+    registry.add(harness.Case("metric", "tensor", {"n": 32}, tensor_setup, metrics=output_bytes))
+    report = harness.run(registry.select(families=["metric"]), device=CPU, target_s=0.01)
+    (result,) = report.results
+    # "raises" and "wrong" fail before their metrics; only what ran gets measured.
+    assert result.metrics == {"baseline": {"output_bytes": 256.0, "device_is_cpu": 1.0},
+                              "same": {"output_bytes": 256.0, "device_is_cpu": 1.0}}
+    assert len(seen) == 2
+    assert result.to_json()["metrics"] == result.metrics
+    assert "metric/tensor [same]: output_bytes=256 device_is_cpu=1" in harness.format_table(report)
+
+
 def test_selection(registry):
     def ids(**selection):
         return [case.id for case in registry.select(**selection)]

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 # Importing these registers their cases; a new family appends its module here.
-CASE_MODULES = ("dynasparse.bench.cases", "dynasparse.bench.optim_cases")
+CASE_MODULES = ("dynasparse.bench.cases", "dynasparse.bench.topk_cases", "dynasparse.bench.optim_cases")
 
 SCHEMA_VERSION = 1
 QUICK_TARGET_S = 0.2
@@ -58,7 +58,9 @@ class Case:
     `devices` are the device types the case runs on. Quick cases are the ones a `--quick`
     run takes, so they should be small. `check(variant_output, baseline_output)` raises
     AssertionError when a variant computes something else (None skips the check, e.g.
-    for in-place updates that return nothing comparable).
+    for in-place updates that return nothing comparable). `metrics(fn, device)`, when
+    given, measures more than time (e.g. peak extra memory) once for the baseline and each
+    variant, returning {metric name: number}.
     """
 
     family: str
@@ -68,6 +70,7 @@ class Case:
     devices: tuple[str, ...] = ("cpu", "cuda")
     quick: bool = False
     check: Callable[[Any, Any], None] | None = torch.testing.assert_close
+    metrics: Callable[[Callable[[], Any], torch.device], dict[str, float]] | None = None
 
     def __post_init__(self):
         # Fail at registration, not after a long run when the results are written.
@@ -194,6 +197,8 @@ class CaseResult:
     variants: dict[str, Timing] = dataclasses.field(default_factory=dict)
     # Keyed by "setup", "baseline" or a variant name.
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Keyed by "baseline" or a variant name: Case.metrics' results.
+    metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def ratio(self, variant: str) -> float | None:
         """Baseline time / variant time (> 1: the variant is faster)."""
@@ -211,6 +216,7 @@ class CaseResult:
             "variants": {name: {**dataclasses.asdict(timing), "ratio": self.ratio(name)}
                          for name, timing in self.variants.items()},
             "errors": self.errors,
+            "metrics": self.metrics,
         }
 
 
@@ -257,6 +263,8 @@ def _run_case(case: Case, device: torch.device, sync: Callable[[], None], target
         # The first call stays out of the timing: it may compile or allocate caches.
         expected = baseline()
         result.baseline = measure(baseline, sync=sync, target_s=target_s, repeats=repeats)
+        if case.metrics is not None:
+            result.metrics["baseline"] = case.metrics(baseline, device)
     except Exception as error:
         result.errors["baseline"] = _describe(error)
 
@@ -268,6 +276,8 @@ def _run_case(case: Case, device: torch.device, sync: Callable[[], None], target
                 check_variant(case, output, expected)
             del output
             result.variants[name] = measure(fn, sync=sync, target_s=target_s, repeats=repeats)
+            if case.metrics is not None:
+                result.metrics[name] = case.metrics(fn, device)
         except Exception as error:
             result.errors[name] = _describe(error)
     return result
@@ -399,6 +409,10 @@ def format_table(report: Report) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.append("ratio = baseline time / variant time (median of repeats); > 1: faster than "
                  "the plain-PyTorch baseline")
+    metrics = [f"  {result.case.id} [{name}]: " + " ".join(f"{key}={value:.4g}" for key, value in values.items())
+               for result in report.results for name, values in result.metrics.items()]
+    if metrics:
+        lines += ["", "metrics:", *metrics]
     errors = [f"  {result.case.id} [{where}]: {message}"
               for result in report.results for where, message in result.errors.items()]
     if errors:

@@ -34,6 +34,14 @@ def _define_triton_variant(name: str, kernel: Callable) -> torch._ops.OpOverload
     return getattr(torch.ops.dynasparse, f"{name}_triton").default
 
 
+def _device_of(first_argument: torch.Tensor | list[torch.Tensor]) -> torch.device:
+    """Where a call runs: its first argument's device; for a tensor list (all on one
+    device, which the op checks), its first tensor's, and CPU for an empty list."""
+    if isinstance(first_argument, (list, tuple)):
+        return first_argument[0].device if first_argument else torch.device("cpu")
+    return first_argument.device
+
+
 class Op:
     """A dynasparse op: one schema, its implementations, and per-call backend choice.
 
@@ -63,10 +71,7 @@ class Op:
         return [self.native] + ([self.triton] if self.triton is not None else [])
 
     def __call__(self, *args, backend: str | None = None, device: torch.device | None = None):
-        if device is None:
-            # Ops over tensor lists (the fused optimizer steps) run where their first tensor is.
-            first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-            device = first.device
+        device = device if device is not None else _device_of(args[0])
         chosen = dispatch.select_backend(self.name, device, backend, self.preference)
         if chosen == "reference":
             return self.reference(*args)

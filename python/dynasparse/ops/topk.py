@@ -1,0 +1,186 @@
+"""Top-k mask updates: exact-k selection masks, N:M masks, structured scores and RigL.
+
+The selection ops (`topk_mask`, `topk_mask_global`, `nm_mask`) return bool masks with
+exactly k kept, deterministic on every backend: among equal scores the lower flat index
+(row-major over the logical shape) is kept, tensor order first across a list; -0.0 equals
+0.0; NaN among the candidates is a ValueError. Their threshold is the smallest kept score
+(+inf when k == 0), a 0-d tensor of the scores' dtype.
+
+The structured helpers (`block_scores`, `row_scores`, `expand_block_mask`,
+`expand_row_mask`) are plain PyTorch reductions and expansions: block or row masks are the
+selection ops run on the reduced scores. `rigl_update` is RigL's drop-and-grow step built
+on `topk_mask`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+
+from .. import checks
+from ..reference import topk as reference
+from ._registry import Op
+
+
+def _topk_mask_fake(scores, k, candidates=None):
+    checks.check_topk_mask(scores, k, candidates)
+    return scores.new_empty(scores.shape, dtype=torch.bool), scores.new_empty(())
+
+
+def _topk_mask_global_fake(scores, k):
+    checks.check_topk_mask_global(scores, k)
+    # The public function answers an empty list itself: there is no tensor to dispatch on.
+    return [tensor.new_empty(tensor.shape, dtype=torch.bool) for tensor in scores], scores[0].new_empty(())
+
+
+def _nm_mask_fake(scores, n, m):
+    checks.check_nm_mask(scores, n, m)
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+# The Triton kernels (dynasparse.kernels.topk) need triton: imported at the first Triton
+# call, not before. Where the module is absent, no Triton variant is registered.
+def _has_triton_kernels() -> bool:
+    try:
+        return importlib.util.find_spec("dynasparse.kernels.topk") is not None
+    except ModuleNotFoundError:  # no dynasparse.kernels package at all
+        return False
+
+
+_HAS_TRITON_KERNELS = _has_triton_kernels()
+
+
+def _topk_mask_triton(scores, k, candidates=None):
+    from dynasparse.kernels import topk as kernels
+
+    return kernels.topk_mask(scores, k, candidates)
+
+
+def _topk_mask_global_triton(scores, k):
+    from dynasparse.kernels import topk as kernels
+
+    return kernels.topk_mask_global(scores, k)
+
+
+def _nm_mask_triton(scores, n, m):
+    from dynasparse.kernels import topk as kernels
+
+    return kernels.nm_mask(scores, n, m)
+
+
+_topk = Op("topk_mask", fake=_topk_mask_fake, reference=reference.topk_mask,
+           triton=_topk_mask_triton if _HAS_TRITON_KERNELS else None)
+_global = Op("topk_mask_global", fake=_topk_mask_global_fake, reference=reference.topk_mask_global,
+             triton=_topk_mask_global_triton if _HAS_TRITON_KERNELS else None)
+_nm = Op("nm_mask", fake=_nm_mask_fake, reference=reference.nm_mask,
+         triton=_nm_mask_triton if _HAS_TRITON_KERNELS else None)
+
+
+def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None, *,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest `scores` (among `candidates`, a bool mask of the same shape, if given).
+
+    Returns `(mask, threshold)`: a bool mask of scores' shape with exactly k True, and the
+    smallest kept score as a 0-d tensor of scores' dtype (+inf when k == 0). Ties keep the
+    lower flat index. k must be in [0, number of candidates].
+    """
+    return _topk(scores, k, candidates, backend=backend)
+
+
+def topk_mask_global(scores: Sequence[torch.Tensor], k: int, *,
+                     backend: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The k largest scores over a whole list of tensors (any shapes, one dtype and device),
+    without concatenating them: one threshold for all, as for global magnitude pruning.
+
+    Returns `(masks, threshold)`, one bool mask per tensor. Ties keep the earlier tensor,
+    then the lower flat index. An empty list needs no kernel: it gives `([], +inf)` (a
+    float32 on the CPU) for k == 0 on any backend.
+    """
+    scores = list(scores)
+    if not scores:
+        return reference.topk_mask_global(scores, k)
+    return _global(scores, k, backend=backend)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int, *, backend: str | None = None) -> torch.Tensor:
+    """N:M mask: the n largest of every group of m consecutive elements along the last
+    dimension (a multiple of m), ties to the lower index."""
+    return _nm(scores, n, m, backend=backend)
+
+
+def _pair(block: int | Sequence[int]) -> tuple[int, int]:
+    rows, cols = (block, block) if isinstance(block, int) else tuple(block)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"dynasparse.block_scores: block sizes must be >= 1, got {block}")
+    return rows, cols
+
+
+def block_scores(weight: torch.Tensor, block: int | Sequence[int]) -> torch.Tensor:
+    """L2 norm of every `block` x `block` tile (or `(rows, cols)` tile) of a 2-d weight, a
+    (R / rows, C / cols) tensor (float32 for half-precision weights). Plain PyTorch; select
+    tiles with `topk_mask` on these scores and expand with `expand_block_mask`."""
+    rows, cols = _pair(block)
+    if weight.dim() != 2:
+        raise ValueError(f"dynasparse.block_scores: weight must be 2-d, got shape {list(weight.shape)}")
+    if weight.shape[0] % rows or weight.shape[1] % cols:
+        raise ValueError(f"dynasparse.block_scores: blocks of {rows} x {cols} do not tile a weight of shape "
+                         f"{list(weight.shape)}")
+    tiles = weight.reshape(weight.shape[0] // rows, rows, weight.shape[1] // cols, cols)
+    return torch.linalg.vector_norm(tiles.to(torch.promote_types(weight.dtype, torch.float32)), dim=(1, 3))
+
+
+def expand_block_mask(block_mask: torch.Tensor, block: int | Sequence[int]) -> torch.Tensor:
+    """A per-tile bool mask (R / rows, C / cols) -> the element mask (R, C)."""
+    rows, cols = _pair(block)
+    return block_mask.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
+
+
+def row_scores(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every output row (Linear) or filter (Conv): a 1-d tensor of weight.shape[0]
+    (float32 for half-precision weights). Plain PyTorch; expand with `expand_row_mask`."""
+    if weight.dim() < 1:
+        raise ValueError("dynasparse.row_scores: weight must have at least one dimension")
+    rows = weight.reshape(weight.shape[0], -1)
+    return torch.linalg.vector_norm(rows.to(torch.promote_types(weight.dtype, torch.float32)), dim=1)
+
+
+def expand_row_mask(row_mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A per-row bool mask (shape[0],) -> the element mask of `shape` (a view, not a copy)."""
+    return row_mask.reshape(-1, *([1] * (len(shape) - 1))).expand(*shape)
+
+
+def _check_rigl(weight, mask, grad, state):
+    if mask.dtype != torch.bool:
+        raise TypeError(f"dynasparse.rigl_update: mask must be torch.bool, got {checks._dtype_name(mask.dtype)}")
+    for name, tensor in [("mask", mask), ("grad", grad)] + [(f"state[{i}]", s) for i, s in enumerate(state)]:
+        if tensor.shape != weight.shape:
+            raise ValueError(f"dynasparse.rigl_update: {name} must have weight's shape {list(weight.shape)}, "
+                             f"got {list(tensor.shape)}")
+
+
+@torch.no_grad()
+def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: int, *,
+                state: Sequence[torch.Tensor] = (), backend: str | None = None) -> torch.Tensor:
+    """One RigL drop-and-grow step on one tensor; returns the new mask (as many active).
+
+    Drops the k active weights of smallest |weight| and grows the k weights inactive before
+    the drop with the largest |grad| (both by `topk_mask`, ties to the lower flat index), so
+    no weight is both dropped and grown. Grown weights and every tensor in `state`
+    (optimizer state shaped like the weight) are zeroed in place at the grown positions.
+    """
+    _check_rigl(weight, mask, grad, state)
+    active = int(mask.sum())
+    inactive = mask.numel() - active
+    if k < 0:
+        raise ValueError(f"dynasparse.rigl_update: k must be >= 0, got {k}")
+    if k > active or k > inactive:
+        raise ValueError(f"dynasparse.rigl_update: k ({k}) exceeds the number of active ({active}) or "
+                         f"inactive ({inactive}) weights")
+    kept, _ = topk_mask(weight.abs(), active - k, mask, backend=backend)
+    grown, _ = topk_mask(grad.abs(), k, ~mask, backend=backend)
+    weight.masked_fill_(grown, 0)
+    for tensor in state:
+        tensor.masked_fill_(grown, 0)
+    return kept | grown
