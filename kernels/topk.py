@@ -232,7 +232,9 @@ def _select(scores: list[torch.Tensor], candidates: list[torch.Tensor | None], k
     masks = [torch.empty(tensor.shape, dtype=torch.bool, device=device) for tensor in scores]
     total = sum(tensor.numel() for tensor in scores)
     infinite = torch.full((), float("inf"), dtype=dtype, device=device)
-    if total == 0:  # the checks left k == 0
+    if total == 0:
+        if k:  # only reachable with candidates, whose count the checks could not know
+            raise ValueError(f"dynasparse.{op}: k = {k} exceeds the number of candidates (0)")
         return masks, infinite
     bits = [tensor.view(bits_dtype) for tensor in scores]
     candidate_bytes = [None if mask is None else mask.view(torch.uint8) for mask in candidates]

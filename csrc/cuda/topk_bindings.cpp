@@ -104,7 +104,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> select_top_k(const std::vector<a
     numels.push_back(scores[i].numel());
     total += numels.back();
   }
-  if (total == 0) return {masks, infinite_threshold(options)};  // the checks left k == 0
+  if (total == 0) {
+    // Only reachable with k > 0 through candidates, whose count the checks could not know.
+    TORCH_CHECK_VALUE(k == 0, "dynasparse.", op, ": k = ", k, " exceeds the number of candidates (0)");
+    return {masks, infinite_threshold(options)};
+  }
 
   const cuda::TopkInputs inputs{score_pointers.data(), candidate_pointers.data(), numels.data(),
                                 static_cast<int64_t>(scores.size())};

@@ -182,6 +182,10 @@ def test_topk_mask_no_candidates(impl):
 def test_topk_mask_empty_and_zero_dim(impl):
     empty = torch.empty(0, 3, device=impl.device)
     assert_topk(impl.topk_mask(empty, 0), empty, 0)
+    no_candidates = torch.empty(0, 3, dtype=torch.bool, device=impl.device)
+    assert_topk(impl.topk_mask(empty, 0, no_candidates), empty, 0, no_candidates)
+    with pytest.raises(ValueError, match=r"k = 1 exceeds the number of candidates \(0\)"):
+        impl.topk_mask(empty, 1, no_candidates)
     scalar = torch.tensor(2.5, device=impl.device)
     assert_topk(impl.topk_mask(scalar, 1), scalar, 1)
     assert_topk(impl.topk_mask(scalar, 0), scalar, 0)
