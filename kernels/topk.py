@@ -189,10 +189,13 @@ def _nm_mask_kernel(bits_ptr, mask_ptr, nan_count_ptr, numel, n, m, inf_bits,
     group_start = offsets - position
     # The rank of each score in its group: larger scores, and equal ones at lower positions.
     # O(m) per score, for the small m of N:M sparsity; the group's scores come from cache.
+    # A while loop, not range(m): Triton 3.6's interpreter cannot take a run-time bound in range().
     rank = tl.zeros([BLOCK], dtype=tl.int64)
-    for other in range(0, m):
+    other = 0
+    while other < m:
         other_keys = _order_keys(tl.load(bits_ptr + group_start + other, mask=in_bounds, other=0), KEY_BITS)
         rank += ((other_keys > keys) | ((other_keys == keys) & (other < position))).to(tl.int64)
+        other += 1
     tl.store(mask_ptr + offsets, (rank < n).to(tl.uint8), mask=in_bounds)
     nan_count = tl.sum((in_bounds & _is_nan(bits, inf_bits, KEY_BITS)).to(tl.int64), axis=0)
     if nan_count > 0:
