@@ -1,11 +1,11 @@
 """Triton kernels for top-k masks: exact, deterministic top-k by radix select, and N:M masks.
 
-Scores are read as their bit patterns (int32 for float32, int16 for float16 and bfloat16) and
-mapped to order-preserving keys in [0, 2**bits): -0.0 is folded onto +0.0, the sign bit is
-flipped for positives and the magnitude bits for negatives. NaN is counted, never ranked.
+Scores are read as their bit patterns (int64, int32 or int16) and mapped to order-preserving
+uint64 keys in [0, 2**bits): -0.0 is folded onto +0.0, the sign bit is flipped for positives and
+the magnitude bits for negatives. NaN is counted, never ranked.
 
-Top-k runs one histogram pass per 8-bit digit of the key (4 for float32, 2 for the 16-bit
-formats). Each pass counts, over the candidate keys whose higher digits equal the prefix chosen
+Top-k runs one histogram pass per 8-bit digit of the key (8 for float64, 4 for float32, 2 for
+the 16-bit formats). Each pass counts, over the candidate keys whose higher digits equal the prefix chosen
 so far, how many fall on each digit; torch ops on that 256-entry histogram then pick the digit
 holding the k-th key, all on the device (`_select_digit`). After the last digit the prefix is
 the k-th key itself. The mask pass keeps key > kth and, of the keys == kth, only the first
@@ -38,6 +38,7 @@ NUM_WARPS = 8
 # Per score dtype: the integer dtype its bits are read as, key width, and the bits of +inf
 # (a magnitude above them is NaN).
 _FORMATS = {
+    torch.float64: (torch.int64, 64, 0x7FF0000000000000),
     torch.float32: (torch.int32, 32, 0x7F800000),
     torch.float16: (torch.int16, 16, 0x7C00),
     torch.bfloat16: (torch.int16, 16, 0x7F80),
@@ -53,68 +54,79 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # merge: use dynasparse.checks
-def _check_topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None) -> None:
+def _check_score_dtype(op: str, name: str, scores: torch.Tensor) -> None:
     if scores.dtype not in _FORMATS:
-        raise TypeError("dynasparse.topk_mask: scores must be float32, float16 or bfloat16, "
+        raise TypeError(f"dynasparse.{op}: {name} must be float32, float16, bfloat16 or float64, "
                         f"got {_dtype_name(scores.dtype)}")
+
+
+# merge: use dynasparse.checks
+def _check_k_in_range(op: str, k: int, candidates: int | None) -> None:
+    """`candidates` is None where only the kernels can count them (a candidates mask)."""
+    if k < 0:
+        raise ValueError(f"dynasparse.{op}: k must be >= 0, got {k}")
+    if candidates is not None and k > candidates:
+        raise ValueError(f"dynasparse.{op}: k ({k}) exceeds the number of candidates ({candidates})")
+
+
+# merge: use dynasparse.checks
+def _nan_message(op: str, name: str, among_candidates: bool) -> str:
+    return (f"dynasparse.{op}: {name} contains NaN{' among the candidates' if among_candidates else ''} "
+            "(NaN has no rank)")
+
+
+# merge: use dynasparse.checks
+def _check_topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None) -> None:
+    _check_score_dtype("topk_mask", "scores", scores)
     if candidates is not None:
         if candidates.dtype != torch.bool:
             raise TypeError(f"dynasparse.topk_mask: candidates must be torch.bool, got {_dtype_name(candidates.dtype)}")
         if candidates.shape != scores.shape:
-            raise ValueError(f"dynasparse.topk_mask: candidates must have the shape of scores {list(scores.shape)}, "
+            raise ValueError(f"dynasparse.topk_mask: candidates must have scores' shape {list(scores.shape)}, "
                              f"got {list(candidates.shape)}")
         if candidates.device != scores.device:
-            raise ValueError(f"dynasparse.topk_mask: candidates must be on the device of scores ({scores.device}), "
+            raise ValueError(f"dynasparse.topk_mask: candidates must be on scores' device ({scores.device}), "
                              f"got {candidates.device}")
-    if k < 0:
-        raise ValueError(f"dynasparse.topk_mask: k must be >= 0, got {k}")
-    if candidates is None and k > scores.numel():
-        raise ValueError(f"dynasparse.topk_mask: k = {k} exceeds the number of candidates ({scores.numel()})")
+    _check_k_in_range("topk_mask", k, scores.numel() if candidates is None else None)
 
 
 # merge: use dynasparse.checks
 def _check_topk_mask_global(scores: list[torch.Tensor], k: int) -> None:
     for i, tensor in enumerate(scores):
-        if tensor.dtype not in _FORMATS:
-            raise TypeError(f"dynasparse.topk_mask_global: scores[{i}] must be float32, float16 or bfloat16, "
-                            f"got {_dtype_name(tensor.dtype)}")
+        _check_score_dtype("topk_mask_global", f"scores[{i}]", tensor)
         if tensor.dtype != scores[0].dtype:
-            raise TypeError("dynasparse.topk_mask_global: all scores must have one dtype: scores[0] is "
-                            f"{_dtype_name(scores[0].dtype)}, scores[{i}] is {_dtype_name(tensor.dtype)}")
+            raise TypeError("dynasparse.topk_mask_global: all scores must have one dtype, but scores[0] is "
+                            f"{_dtype_name(scores[0].dtype)} and scores[{i}] is {_dtype_name(tensor.dtype)}")
         if tensor.device != scores[0].device:
-            raise ValueError("dynasparse.topk_mask_global: all scores must be on one device: scores[0] is on "
-                             f"{scores[0].device}, scores[{i}] is on {tensor.device}")
-    if k < 0:
-        raise ValueError(f"dynasparse.topk_mask_global: k must be >= 0, got {k}")
-    total = sum(tensor.numel() for tensor in scores)
-    if k > total:
-        raise ValueError(f"dynasparse.topk_mask_global: k = {k} exceeds the number of candidates ({total})")
+            raise ValueError("dynasparse.topk_mask_global: all scores must be on one device, but scores[0] is on "
+                             f"{scores[0].device} and scores[{i}] on {tensor.device}")
+    _check_k_in_range("topk_mask_global", k, sum(tensor.numel() for tensor in scores))
 
 
 # merge: use dynasparse.checks
 def _check_nm_mask(scores: torch.Tensor, n: int, m: int) -> None:
-    if scores.dtype not in _FORMATS:
-        raise TypeError(f"dynasparse.nm_mask: scores must be float32, float16 or bfloat16, got {_dtype_name(scores.dtype)}")
+    _check_score_dtype("nm_mask", "scores", scores)
     if scores.dim() < 1:
         raise ValueError("dynasparse.nm_mask: scores must have at least one dimension "
                          "(groups run along the last one), got a 0-d tensor")
     if m < 1:
         raise ValueError(f"dynasparse.nm_mask: m must be >= 1, got {m}")
     if not 0 <= n <= m:
-        raise ValueError(f"dynasparse.nm_mask: n must be between 0 and m = {m}, got {n}")
+        raise ValueError(f"dynasparse.nm_mask: n must be in [0, m] = [0, {m}], got {n}")
     if scores.shape[-1] % m:
-        raise ValueError(f"dynasparse.nm_mask: the last dimension ({scores.shape[-1]}) must be a multiple of m = {m}")
+        raise ValueError(f"dynasparse.nm_mask: the last dimension ({scores.shape[-1]}) must be a multiple of m ({m})")
 
 
 @triton.jit
 def _order_keys(bits, KEY_BITS: tl.constexpr):
-    """Keys in [0, 2**KEY_BITS) ordered like the scores whose bits these are (int64)."""
-    # Widening sign-extends, so negative scores are negative integers at either width.
+    """uint64 keys in [0, 2**KEY_BITS) ordered like the scores whose bits these are."""
+    # Widening sign-extends, so negative scores are negative integers at every width.
     signed = bits.to(tl.int64)
     magnitude_bits = (1 << (KEY_BITS - 1)) - 1
     signed = tl.where(signed == -magnitude_bits - 1, 0, signed)  # -0.0 ties with +0.0
+    # Ordered as signed integers; adding 2**(KEY_BITS - 1) modulo 2**64 makes them unsigned.
     ordered = tl.where(signed >= 0, signed, signed ^ magnitude_bits)
-    return ordered + magnitude_bits + 1
+    return ordered.to(tl.uint64, bitcast=True) + (1 << (KEY_BITS - 1))
 
 
 @triton.jit
@@ -144,9 +156,9 @@ def _histogram_kernel(bits_ptr, candidates_ptr, state_ptr, histogram_ptr, nan_co
     _, bits, keys, candidate = _load_keys(bits_ptr, candidates_ptr, numel, KEY_BITS, HAS_CANDIDATES, BLOCK)
     nan = candidate & _is_nan(bits, inf_bits, KEY_BITS)
     candidate = candidate & ~nan
-    prefix = tl.load(state_ptr)
-    # Keys are below 2**32 in int64, so the shift by 32 of the first pass is defined (and 0).
-    matches = candidate & ((keys >> (shift + 8)) == (prefix >> (shift + 8)))
+    prefix = tl.load(state_ptr).to(tl.uint64, bitcast=True)
+    # Two shifts: one by shift + 8 would reach 64 on float64's first pass, which is undefined.
+    matches = candidate & (((keys >> shift) >> 8) == ((prefix >> shift) >> 8))
     digits = tl.where(matches, (keys >> shift) & 255, 256).to(tl.int32)
     counts = tl.histogram(digits, 512)
     bins = tl.arange(0, 512)
@@ -160,7 +172,7 @@ def _histogram_kernel(bits_ptr, candidates_ptr, state_ptr, histogram_ptr, nan_co
 def _count_equal_kernel(bits_ptr, candidates_ptr, state_ptr, tile_counts_ptr, numel,
                         KEY_BITS: tl.constexpr, HAS_CANDIDATES: tl.constexpr, BLOCK: tl.constexpr):
     _, _, keys, candidate = _load_keys(bits_ptr, candidates_ptr, numel, KEY_BITS, HAS_CANDIDATES, BLOCK)
-    equal = candidate & (keys == tl.load(state_ptr))
+    equal = candidate & (keys == tl.load(state_ptr).to(tl.uint64, bitcast=True))
     tl.store(tile_counts_ptr + tl.program_id(0), tl.sum(equal.to(tl.int64), axis=0))
 
 
@@ -168,7 +180,7 @@ def _count_equal_kernel(bits_ptr, candidates_ptr, state_ptr, tile_counts_ptr, nu
 def _write_mask_kernel(bits_ptr, candidates_ptr, state_ptr, tile_starts_ptr, mask_ptr, numel,
                        KEY_BITS: tl.constexpr, HAS_CANDIDATES: tl.constexpr, BLOCK: tl.constexpr):
     offsets, _, keys, candidate = _load_keys(bits_ptr, candidates_ptr, numel, KEY_BITS, HAS_CANDIDATES, BLOCK)
-    kth = tl.load(state_ptr)
+    kth = tl.load(state_ptr).to(tl.uint64, bitcast=True)
     ties_to_keep = tl.load(state_ptr + 1)
     equal = candidate & (keys == kth)
     equal_count = equal.to(tl.int64)
@@ -208,7 +220,8 @@ def _programs(numel: int) -> int:
 
 def _select_digit(histogram: torch.Tensor, state: torch.Tensor, shift: int) -> None:
     """Narrow state = [prefix, remaining] to the digit at `shift` holding the remaining-th largest
-    matching key, with torch ops on the device (no host synchronization)."""
+    matching key, with torch ops on the device (no host synchronization). The prefix is a uint64
+    key kept in int64: float64's top digit wraps it negative, as its bits require."""
     at_or_above = histogram.flip(0).cumsum(0).flip(0)
     above = at_or_above - histogram
     remaining = state[1]
@@ -222,7 +235,8 @@ def _decode_threshold(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The score (0-d, `dtype`) whose order key is `key` (0-d int64): _order_keys inverted."""
     bits_dtype, key_bits, _ = _FORMATS[dtype]
     magnitude_bits = (1 << (key_bits - 1)) - 1
-    ordered = key - (magnitude_bits + 1)
+    # Undo the unsigned offset; for 64-bit keys that is flipping the (int64) sign bit.
+    ordered = key ^ torch.iinfo(torch.int64).min if key_bits == 64 else key - (magnitude_bits + 1)
     signed = torch.where(ordered >= 0, ordered, ordered ^ magnitude_bits)
     return signed.to(bits_dtype).view(dtype)
 
@@ -236,8 +250,7 @@ def _select(scores: list[torch.Tensor], candidates: list[torch.Tensor | None], k
     total = sum(tensor.numel() for tensor in scores)
     infinite = torch.full((), float("inf"), dtype=dtype, device=device)
     if total == 0:
-        if k:  # only reachable with candidates, whose count the checks could not know
-            raise ValueError(f"dynasparse.{op}: k = {k} exceeds the number of candidates (0)")
+        _check_k_in_range(op, k, 0)  # only fails with candidates, whose count the checks could not know
         return masks, infinite
     bits = [tensor.view(bits_dtype) for tensor in scores]
     candidate_bytes = [None if mask is None else mask.view(torch.uint8) for mask in candidates]
@@ -264,9 +277,8 @@ def _select(scores: list[torch.Tensor], candidates: list[torch.Tensor | None], k
             first = torch.cat([nan_counts, histograms[0].sum().reshape(1)]).tolist()
             for name, nan_count in zip(names, first[:-1]):
                 if nan_count:
-                    raise ValueError(f"dynasparse.{op}: {name} contains NaN")
-            if k > first[-1]:
-                raise ValueError(f"dynasparse.{op}: k = {k} exceeds the number of candidates ({first[-1]})")
+                    raise ValueError(_nan_message(op, name, candidates[0] is not None))
+            _check_k_in_range(op, k, first[-1])
             if k == 0:
                 for mask in masks:
                     mask.zero_()
@@ -319,7 +331,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         scores.view(bits_dtype), mask.view(torch.uint8), nan_count, scores.numel(), n, m, inf_bits,
         KEY_BITS=key_bits, BLOCK=BLOCK, num_warps=NUM_WARPS)
     if nan_count.item():
-        raise ValueError("dynasparse.nm_mask: scores contains NaN")
+        raise ValueError(_nan_message("nm_mask", "scores", False))
     return mask
 
 
@@ -327,7 +339,8 @@ def _specs() -> list[dict]:
     # Pointers per key width: scores' bits (int32 or int16), candidate bytes (a uint8 view, or the
     # scores' bits again when there are none), int64 state/counts, uint8 mask.
     specs = []
-    for key_bits, bits_type in ((32, "*i32"), (16, "*i16")):
+    # +inf's bits need 64 bits for float64 only, so inf_bits is i64 there and i32 elsewhere.
+    for key_bits, bits_type, inf_type in ((64, "*i64", "i64"), (32, "*i32", "i32"), (16, "*i16", "i32")):
         for int_type in ("i32", "i64"):
             for has_candidates in (False, True):
                 common = {"bits_ptr": bits_type, "candidates_ptr": "*u8" if has_candidates else bits_type,
@@ -337,7 +350,7 @@ def _specs() -> list[dict]:
                 specs += [
                     {"kernel": _histogram_kernel, "constexprs": constexprs, "options": options,
                      "signature": {**common, "histogram_ptr": "*i64", "nan_count_ptr": "*i64", "numel": int_type,
-                                   "shift": "i32", "inf_bits": "i32"}},
+                                   "shift": "i32", "inf_bits": inf_type}},
                     {"kernel": _count_equal_kernel, "constexprs": constexprs, "options": options,
                      "signature": {**common, "tile_counts_ptr": "*i64", "numel": int_type}},
                     {"kernel": _write_mask_kernel, "constexprs": constexprs, "options": options,
@@ -346,7 +359,7 @@ def _specs() -> list[dict]:
             specs.append({"kernel": _nm_mask_kernel, "constexprs": {"KEY_BITS": key_bits, "BLOCK": BLOCK},
                           "options": {"num_warps": NUM_WARPS},
                           "signature": {"bits_ptr": bits_type, "mask_ptr": "*u8", "nan_count_ptr": "*i64",
-                                        "numel": int_type, "n": "i32", "m": "i32", "inf_bits": "i32"}})
+                                        "numel": int_type, "n": "i32", "m": "i32", "inf_bits": inf_type}})
     return specs
 
 

@@ -21,7 +21,7 @@ from dynasparse.kernels import topk  # noqa: E402
 from tests.helpers import poison_allocator  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 POISON_BYTE = 0x5A  # as a bool byte it is neither False (0) nor True (1)
 
 
@@ -152,11 +152,12 @@ def test_topk_mask_keeps_lower_index_and_folds_negative_zero(impl):
 
 
 def test_topk_mask_extremes(impl):
-    info = torch.finfo(torch.float32)
-    scores = torch.tensor([float("-inf"), info.max, float("inf"), -info.max, info.tiny, -info.tiny, 0.0],
-                          device=impl.device)
-    for k in range(scores.numel() + 1):
-        assert_topk(impl.topk_mask(scores, k), scores, k)
+    for dtype in DTYPES:
+        info = torch.finfo(dtype)
+        scores = torch.tensor([float("-inf"), info.max, float("inf"), -info.max, info.tiny, -info.tiny, 0.0,
+                               -info.tiny * info.eps, info.tiny * info.eps], dtype=dtype, device=impl.device)
+        for k in range(scores.numel() + 1):
+            assert_topk(impl.topk_mask(scores, k), scores, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -175,7 +176,7 @@ def test_topk_mask_no_candidates(impl):
     scores = torch.randn(10, device=impl.device)
     candidates = torch.zeros(10, dtype=torch.bool, device=impl.device)
     assert_topk(impl.topk_mask(scores, 0, candidates), scores, 0, candidates)
-    with pytest.raises(ValueError, match=r"k = 1 exceeds the number of candidates \(0\)"):
+    with pytest.raises(ValueError, match=r"k \(1\) exceeds the number of candidates \(0\)"):
         impl.topk_mask(scores, 1, candidates)
 
 
@@ -184,7 +185,7 @@ def test_topk_mask_empty_and_zero_dim(impl):
     assert_topk(impl.topk_mask(empty, 0), empty, 0)
     no_candidates = torch.empty(0, 3, dtype=torch.bool, device=impl.device)
     assert_topk(impl.topk_mask(empty, 0, no_candidates), empty, 0, no_candidates)
-    with pytest.raises(ValueError, match=r"k = 1 exceeds the number of candidates \(0\)"):
+    with pytest.raises(ValueError, match=r"k \(1\) exceeds the number of candidates \(0\)"):
         impl.topk_mask(empty, 1, no_candidates)
     scalar = torch.tensor(2.5, device=impl.device)
     assert_topk(impl.topk_mask(scalar, 1), scalar, 1)
@@ -233,7 +234,7 @@ def test_topk_mask_global_ties_go_to_the_earlier_tensor(impl):
 def test_topk_mask_global_empty_list():
     masks, threshold = topk.topk_mask_global([], 0)
     assert masks == [] and threshold.item() == float("inf")
-    with pytest.raises(ValueError, match=r"k = 1 exceeds the number of candidates \(0\)"):
+    with pytest.raises(ValueError, match=r"k \(1\) exceeds the number of candidates \(0\)"):
         topk.topk_mask_global([], 1)
 
 
@@ -258,8 +259,10 @@ def test_nm_mask_non_contiguous(impl):
 def test_nan_raises(impl):
     scores = torch.randn(6000, device=impl.device)
     scores[4500] = float("nan")
-    with pytest.raises(ValueError, match=r"dynasparse.topk_mask: scores contains NaN"):
+    with pytest.raises(ValueError, match=r"dynasparse.topk_mask: scores contains NaN \(NaN has no rank\)"):
         impl.topk_mask(scores, 3)
+    with pytest.raises(ValueError, match=r"dynasparse.topk_mask: scores contains NaN among the candidates"):
+        impl.topk_mask(scores, 3, scores.isnan())
     with pytest.raises(ValueError, match=r"dynasparse.topk_mask: scores contains NaN"):
         impl.topk_mask(scores, 0)
     clean = torch.randn(5, device=impl.device)
@@ -281,21 +284,21 @@ def test_bad_k_raises(impl, k):
 def test_bad_arguments_raise(impl):
     device = impl.device
     scores = torch.randn(4, 8, device=device)
-    with pytest.raises(TypeError, match="scores must be float32, float16 or bfloat16, got Double"):
-        impl.topk_mask(scores.double(), 1)
+    with pytest.raises(TypeError, match="scores must be float32, float16, bfloat16 or float64, got Int"):
+        impl.topk_mask(scores.int(), 1)
     with pytest.raises(TypeError, match="candidates must be torch.bool, got Float"):
         impl.topk_mask(scores, 1, scores)
-    with pytest.raises(ValueError, match=r"candidates must have the shape of scores \[4, 8\], got \[8, 4\]"):
+    with pytest.raises(ValueError, match=r"candidates must have scores' shape \[4, 8\], got \[8, 4\]"):
         impl.topk_mask(scores, 1, torch.ones(8, 4, dtype=torch.bool, device=device))
-    with pytest.raises(TypeError, match=r"all scores must have one dtype: scores\[0\] is Float, scores\[1\] is Half"):
+    with pytest.raises(TypeError, match=r"all scores must have one dtype, but scores\[0\] is Float and scores\[1\] is Half"):
         impl.topk_mask_global([scores, scores.half()], 1)
-    with pytest.raises(TypeError, match=r"scores\[1\] must be float32, float16 or bfloat16, got Int"):
+    with pytest.raises(TypeError, match=r"scores\[1\] must be float32, float16, bfloat16 or float64, got Int"):
         impl.topk_mask_global([scores, scores.int()], 1)
-    with pytest.raises(ValueError, match=r"the last dimension \(8\) must be a multiple of m = 3"):
+    with pytest.raises(ValueError, match=r"the last dimension \(8\) must be a multiple of m \(3\)"):
         impl.nm_mask(scores, 1, 3)
     with pytest.raises(ValueError, match="m must be >= 1, got 0"):
         impl.nm_mask(scores, 0, 0)
-    with pytest.raises(ValueError, match="n must be between 0 and m = 4, got 5"):
+    with pytest.raises(ValueError, match=r"n must be in \[0, m\] = \[0, 4\], got 5"):
         impl.nm_mask(scores, 5, 4)
     with pytest.raises(ValueError, match="at least one dimension"):
         impl.nm_mask(scores[0, 0], 1, 1)
