@@ -17,28 +17,29 @@ constexpr int kDigitBits = 8;
 constexpr int kMaxSegments = 64;
 constexpr int kScanThreads = 1024;
 
-// Bit layouts. Keys are unsigned and ordered like the scores: the sign bit is flipped for
-// positives and every bit for negatives; -0.0 is first turned into +0.0 so the two tie.
-template <class BitsT, int kBitsV, BitsT kExponentMask>
+// Bit layouts. Keys (uint64 for every format) are ordered like the scores: the sign bit is
+// flipped for positives and every bit for negatives; -0.0 is first turned into +0.0 so the two tie.
+template <class BitsT, uint64_t kInfinityBits>
 struct Format {
   using Bits = BitsT;
-  static constexpr int kBits = kBitsV;
-  static constexpr uint32_t kSign = uint32_t{1} << (kBits - 1);
-  static constexpr uint32_t kAll = kBits == 32 ? 0xFFFFFFFFu : (uint32_t{1} << kBits) - 1;
+  static constexpr int kBits = 8 * sizeof(Bits);
+  static constexpr uint64_t kSign = uint64_t{1} << (kBits - 1);
+  static constexpr uint64_t kAll = kSign | (kSign - 1);
 
-  __device__ static bool is_nan(Bits bits) { return (uint32_t{bits} & (kSign - 1)) > kExponentMask; }
-  __device__ static uint32_t key(Bits bits) {
-    uint32_t u = bits;
+  __device__ static bool is_nan(Bits bits) { return (uint64_t{bits} & (kSign - 1)) > kInfinityBits; }
+  __device__ static uint64_t key(Bits bits) {
+    uint64_t u = bits;
     if (u == kSign) u = 0;
     return (u & kSign) ? (~u & kAll) : (u | kSign);
   }
-  __device__ static Bits decode(uint32_t key) {
+  __device__ static Bits decode(uint64_t key) {
     return static_cast<Bits>((key & kSign) ? (key ^ kSign) : (~key & kAll));
   }
 };
-using Float32 = Format<uint32_t, 32, 0x7F800000u>;
-using Float16 = Format<uint16_t, 16, 0x7C00u>;
-using BFloat16 = Format<uint16_t, 16, 0x7F80u>;
+using Float64 = Format<uint64_t, 0x7FF0000000000000ull>;
+using Float32 = Format<uint32_t, 0x7F800000u>;
+using Float16 = Format<uint16_t, 0x7C00u>;
+using BFloat16 = Format<uint16_t, 0x7F80u>;
 
 template <class F>
 constexpr int passes() { return F::kBits / kDigitBits; }
@@ -125,6 +126,7 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     const uint64_t key = F::key(bits);
+    // The first pass never shifts: by shift + 8 = 64 would be undefined for float64.
     if (kFirstPass || (key >> (shift + kDigitBits)) == prefix_high) {
       atomicAdd(&block_histogram[(key >> shift) & (kRadixBins - 1)], 1u);
     }
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(kRadixBins)
     state->remaining = remaining - above;
     if (shift == 0) {
       state->equal_total = count;
-      *threshold = F::decode(static_cast<uint32_t>(prefix));
+      *threshold = F::decode(prefix);
     }
   }
 }
@@ -181,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
                        unsigned long long* __restrict__ tile_counts) {
   __shared__ uint32_t warp_totals[kWarps];
   if (all_ties_kept(state)) return;
-  const uint32_t kth = static_cast<uint32_t>(state->prefix);
+  const uint64_t kth = state->prefix;
   const int64_t total = batch.offsets[batch.count];
   const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kTile;
   Cursor cursor;
@@ -231,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
     write_mask_kernel(const __grid_constant__ SegmentBatch batch, const SelectState* __restrict__ state,
                       const unsigned long long* __restrict__ tile_offsets) {
   __shared__ uint32_t warp_totals[kWarps];
-  const uint32_t kth = static_cast<uint32_t>(state->prefix);
+  const uint64_t kth = state->prefix;
   const unsigned long long remaining = state->remaining;
   const bool all_kept = all_ties_kept(state);  // uniform over the block
   const int64_t total = batch.offsets[batch.count];
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(kThreads)
     if (valid) {
       local = cursor.local(batch, index);
       if (is_candidate(batch, cursor.segment, local)) {
-        const uint32_t key = F::key(load_bits<F>(batch, cursor.segment, local));
+        const uint64_t key = F::key(load_bits<F>(batch, cursor.segment, local));
         greater = key > kth;
         equal = key == kth;
       }
@@ -276,11 +278,11 @@ __global__ void __launch_bounds__(kThreads)
     const typename F::Bits* group = scores + (index - position);
     const auto bits = group[position];
     if (F::is_nan(bits)) *nan_flag = 1;
-    const uint32_t key = F::key(bits);
+    const uint64_t key = F::key(bits);
     // The rank of this score in its group: larger scores, and equal ones at lower positions.
     int64_t rank = 0;
     for (int64_t other = 0; other < m && rank < n; ++other) {
-      const uint32_t other_key = F::key(group[other]);
+      const uint64_t other_key = F::key(group[other]);
       rank += other_key > key || (other_key == key && other < position);
     }
     mask[index] = rank < n;
@@ -334,7 +336,13 @@ struct Workspace {
   }
 };
 
-int passes_of(ScoreFormat format) { return format == ScoreFormat::kFloat32 ? passes<Float32>() : passes<Float16>(); }
+int passes_of(ScoreFormat format) {
+  switch (format) {
+    case ScoreFormat::kFloat64: return passes<Float64>();
+    case ScoreFormat::kFloat32: return passes<Float32>();
+    default: return passes<Float16>();
+  }
+}
 
 template <class F>
 cudaError_t first_pass(const TopkInputs& inputs, void* workspace_base, cudaStream_t stream, TopkFirstPass* result) {
@@ -425,6 +433,7 @@ size_t topk_workspace_bytes(const TopkInputs& inputs, ScoreFormat format) {
 cudaError_t topk_first_pass(const TopkInputs& inputs, ScoreFormat format, void* workspace, cudaStream_t stream,
                             TopkFirstPass* result) {
   switch (format) {
+    case ScoreFormat::kFloat64: return first_pass<Float64>(inputs, workspace, stream, result);
     case ScoreFormat::kFloat32: return first_pass<Float32>(inputs, workspace, stream, result);
     case ScoreFormat::kFloat16: return first_pass<Float16>(inputs, workspace, stream, result);
     case ScoreFormat::kBFloat16: return first_pass<BFloat16>(inputs, workspace, stream, result);
@@ -435,6 +444,7 @@ cudaError_t topk_first_pass(const TopkInputs& inputs, ScoreFormat format, void* 
 cudaError_t topk_finish(const TopkInputs& inputs, ScoreFormat format, int64_t k, void* workspace,
                         bool* const* masks, void* threshold, cudaStream_t stream) {
   switch (format) {
+    case ScoreFormat::kFloat64: return finish<Float64>(inputs, k, workspace, masks, threshold, stream);
     case ScoreFormat::kFloat32: return finish<Float32>(inputs, k, workspace, masks, threshold, stream);
     case ScoreFormat::kFloat16: return finish<Float16>(inputs, k, workspace, masks, threshold, stream);
     case ScoreFormat::kBFloat16: return finish<BFloat16>(inputs, k, workspace, masks, threshold, stream);
@@ -445,6 +455,7 @@ cudaError_t topk_finish(const TopkInputs& inputs, ScoreFormat format, int64_t k,
 cudaError_t nm_mask(const void* scores, ScoreFormat format, int64_t numel, int64_t n, int64_t m, bool* mask,
                     int32_t* nan_flag, cudaStream_t stream, bool* has_nan) {
   switch (format) {
+    case ScoreFormat::kFloat64: return nm<Float64>(scores, numel, n, m, mask, nan_flag, stream, has_nan);
     case ScoreFormat::kFloat32: return nm<Float32>(scores, numel, n, m, mask, nan_flag, stream, has_nan);
     case ScoreFormat::kFloat16: return nm<Float16>(scores, numel, n, m, mask, nan_flag, stream, has_nan);
     case ScoreFormat::kBFloat16: return nm<BFloat16>(scores, numel, n, m, mask, nan_flag, stream, has_nan);

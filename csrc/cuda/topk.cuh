@@ -3,8 +3,9 @@
 //
 // Scores are read as their bit patterns and mapped to order-preserving unsigned keys (-0.0 is
 // folded onto +0.0 first, NaN is counted, never ranked). Radix select then runs one histogram
-// pass per 8-bit digit (4 for float32, 2 for float16 and bfloat16); a one-block kernel after each
-// pass picks the digit holding the k-th key and narrows the prefix, all on the device. The mask
+// pass per 8-bit digit (8 for float64, 4 for float32, 2 for float16 and bfloat16); a one-block
+// kernel after each pass picks the digit holding the k-th key and narrows the prefix, all on the
+// device, and the last one writes the threshold. The mask
 // pass keeps key > kth, and of the keys == kth the first (k - count greater) in flat order
 // (tensor order first): per-tile counts of equal keys and an exclusive scan over them make that
 // order deterministic. Extra memory: the workspace below, O(tensors + tiles), no copy of scores.
@@ -22,7 +23,7 @@
 
 namespace dynasparse::cuda {
 
-enum class ScoreFormat { kFloat32, kFloat16, kBFloat16 };
+enum class ScoreFormat { kFloat64, kFloat32, kFloat16, kBFloat16 };
 
 constexpr int kRadixBins = 256;
 

@@ -7,6 +7,7 @@
 
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -16,62 +17,78 @@
 namespace dynasparse {
 namespace {
 
-// merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp
+// merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp (the same checks and messages).
 inline bool is_score_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble;
+}
+
+// merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp
+inline void check_score_dtype(const char* op, const std::string& name, const at::Tensor& scores) {
+  TORCH_CHECK_TYPE(is_score_dtype(scores.scalar_type()), "dynasparse.", op, ": ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", scores.scalar_type());
+}
+
+// merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp
+inline std::string nan_message(const char* op, const std::string& name, bool among_candidates) {
+  return std::string("dynasparse.") + op + ": " + name + " contains NaN" +
+         (among_candidates ? " among the candidates" : "") + " (NaN has no rank)";
+}
+
+// merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp
+inline void check_k_in_range(const char* op, int64_t k, int64_t candidates) {
+  TORCH_CHECK_VALUE(k >= 0, "dynasparse.", op, ": k must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(k <= candidates, "dynasparse.", op, ": k (", k, ") exceeds the number of candidates (",
+                    candidates, ")");
 }
 
 // merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp
 inline void check_topk_mask(const at::Tensor& scores, int64_t k, const std::optional<at::Tensor>& candidates) {
-  TORCH_CHECK_TYPE(is_score_dtype(scores.scalar_type()),
-                   "dynasparse.topk_mask: scores must be float32, float16 or bfloat16, got ", scores.scalar_type());
+  check_score_dtype("topk_mask", "scores", scores);
   if (candidates.has_value()) {
     TORCH_CHECK_TYPE(candidates->scalar_type() == at::kBool,
                      "dynasparse.topk_mask: candidates must be torch.bool, got ", candidates->scalar_type());
-    TORCH_CHECK_VALUE(candidates->sizes() == scores.sizes(), "dynasparse.topk_mask: candidates must have the shape of scores ",
+    TORCH_CHECK_VALUE(candidates->sizes() == scores.sizes(), "dynasparse.topk_mask: candidates must have scores' shape ",
                       scores.sizes(), ", got ", candidates->sizes());
-    TORCH_CHECK_VALUE(candidates->device() == scores.device(),
-                      "dynasparse.topk_mask: candidates must be on the device of scores (", scores.device(), "), got ",
-                      candidates->device());
+    TORCH_CHECK_VALUE(candidates->device() == scores.device(), "dynasparse.topk_mask: candidates must be on scores' device (",
+                      scores.device(), "), got ", candidates->device());
+    // How many candidates there are is known only after the first pass, which checks k against it.
+    TORCH_CHECK_VALUE(k >= 0, "dynasparse.topk_mask: k must be >= 0, got ", k);
+  } else {
+    check_k_in_range("topk_mask", k, scores.numel());
   }
-  TORCH_CHECK_VALUE(k >= 0, "dynasparse.topk_mask: k must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(candidates.has_value() || k <= scores.numel(), "dynasparse.topk_mask: k = ", k,
-                    " exceeds the number of candidates (", scores.numel(), ")");
 }
 
 // merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp
 inline void check_topk_mask_global(at::TensorList scores, int64_t k) {
   int64_t total = 0;
   for (size_t i = 0; i < scores.size(); ++i) {
-    TORCH_CHECK_TYPE(is_score_dtype(scores[i].scalar_type()), "dynasparse.topk_mask_global: scores[", i,
-                     "] must be float32, float16 or bfloat16, got ", scores[i].scalar_type());
+    const std::string name = "scores[" + std::to_string(i) + "]";
+    check_score_dtype("topk_mask_global", name, scores[i]);
     TORCH_CHECK_TYPE(scores[i].scalar_type() == scores[0].scalar_type(),
-                     "dynasparse.topk_mask_global: all scores must have one dtype: scores[0] is ",
-                     scores[0].scalar_type(), ", scores[", i, "] is ", scores[i].scalar_type());
+                     "dynasparse.topk_mask_global: all scores must have one dtype, but scores[0] is ",
+                     scores[0].scalar_type(), " and ", name, " is ", scores[i].scalar_type());
     TORCH_CHECK_VALUE(scores[i].device() == scores[0].device(),
-                      "dynasparse.topk_mask_global: all scores must be on one device: scores[0] is on ",
-                      scores[0].device(), ", scores[", i, "] is on ", scores[i].device());
+                      "dynasparse.topk_mask_global: all scores must be on one device, but scores[0] is on ",
+                      scores[0].device(), " and ", name, " on ", scores[i].device());
     total += scores[i].numel();
   }
-  TORCH_CHECK_VALUE(k >= 0, "dynasparse.topk_mask_global: k must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(k <= total, "dynasparse.topk_mask_global: k = ", k, " exceeds the number of candidates (", total,
-                    ")");
+  check_k_in_range("topk_mask_global", k, total);
 }
 
 // merge: move to csrc/topk.h shared with csrc/cpu/topk.cpp
 inline void check_nm_mask(const at::Tensor& scores, int64_t n, int64_t m) {
-  TORCH_CHECK_TYPE(is_score_dtype(scores.scalar_type()),
-                   "dynasparse.nm_mask: scores must be float32, float16 or bfloat16, got ", scores.scalar_type());
+  check_score_dtype("nm_mask", "scores", scores);
   TORCH_CHECK_VALUE(scores.dim() >= 1, "dynasparse.nm_mask: scores must have at least one dimension "
                     "(groups run along the last one), got a 0-d tensor");
   TORCH_CHECK_VALUE(m >= 1, "dynasparse.nm_mask: m must be >= 1, got ", m);
-  TORCH_CHECK_VALUE(0 <= n && n <= m, "dynasparse.nm_mask: n must be between 0 and m = ", m, ", got ", n);
+  TORCH_CHECK_VALUE(n >= 0 && n <= m, "dynasparse.nm_mask: n must be in [0, m] = [0, ", m, "], got ", n);
   TORCH_CHECK_VALUE(scores.size(-1) % m == 0, "dynasparse.nm_mask: the last dimension (", scores.size(-1),
-                    ") must be a multiple of m = ", m);
+                    ") must be a multiple of m (", m, ")");
 }
 
 cuda::ScoreFormat score_format(at::ScalarType dtype) {
   switch (dtype) {
+    case at::kDouble: return cuda::ScoreFormat::kFloat64;
     case at::kHalf: return cuda::ScoreFormat::kFloat16;
     case at::kBFloat16: return cuda::ScoreFormat::kBFloat16;
     default: return cuda::ScoreFormat::kFloat32;
@@ -105,8 +122,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> select_top_k(const std::vector<a
     total += numels.back();
   }
   if (total == 0) {
-    // Only reachable with k > 0 through candidates, whose count the checks could not know.
-    TORCH_CHECK_VALUE(k == 0, "dynasparse.", op, ": k = ", k, " exceeds the number of candidates (0)");
+    check_k_in_range(op, k, 0);  // only fails through candidates, whose count the checks could not know
     return {masks, infinite_threshold(options)};
   }
 
@@ -120,10 +136,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> select_top_k(const std::vector<a
   cuda::TopkFirstPass first_pass;
   check_launch(cuda::topk_first_pass(inputs, format, workspace.data_ptr(), stream, &first_pass), op);
   for (size_t i = 0; i < first_pass.nan_counts.size(); ++i) {
-    TORCH_CHECK_VALUE(first_pass.nan_counts[i] == 0, "dynasparse.", op, ": ", name(i), " contains NaN");
+    TORCH_CHECK_VALUE(first_pass.nan_counts[i] == 0, nan_message(op, name(i), !candidates.empty()));
   }
-  TORCH_CHECK_VALUE(static_cast<uint64_t>(k) <= first_pass.candidates, "dynasparse.", op, ": k = ", k,
-                    " exceeds the number of candidates (", first_pass.candidates, ")");
+  check_k_in_range(op, k, static_cast<int64_t>(first_pass.candidates));
   if (k == 0) {
     for (at::Tensor& mask : masks) mask.zero_();
     return {masks, infinite_threshold(options)};
@@ -167,7 +182,7 @@ at::Tensor nm_mask_cuda(const at::Tensor& scores_in, int64_t n, int64_t m) {
   check_launch(cuda::nm_mask(scores.data_ptr(), score_format(scores.scalar_type()), scores.numel(), n, m,
                              mask.data_ptr<bool>(), nan_flag.data_ptr<int32_t>(), current_stream(scores), &has_nan),
                "nm_mask");
-  TORCH_CHECK_VALUE(!has_nan, "dynasparse.nm_mask: scores contains NaN");
+  TORCH_CHECK_VALUE(!has_nan, nan_message("nm_mask", "scores", false));
   return mask;
 }
 
