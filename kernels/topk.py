@@ -336,8 +336,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def _specs() -> list[dict]:
-    # Pointers per key width: scores' bits (int32 or int16), candidate bytes (a uint8 view, or the
-    # scores' bits again when there are none), int64 state/counts, uint8 mask.
+    # Pointers per key width: scores' bits (int64, int32 or int16), candidate bytes (a uint8 view,
+    # or the scores' bits again when there are none), int64 state/counts, uint8 mask.
     specs = []
     # +inf's bits need 64 bits for float64 only, so inf_bits is i64 there and i32 elsewhere.
     for key_bits, bits_type, inf_type in ((64, "*i64", "i64"), (32, "*i32", "i32"), (16, "*i16", "i32")):
