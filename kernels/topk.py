@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dynasparse.checks import check_k_in_range, check_nm_mask, check_topk_mask, check_topk_mask_global, nan_message
+
 RADIX_BITS = 8
 RADIX_BINS = 1 << RADIX_BITS
 # tl.histogram has no mask argument before Triton 3.7: keys outside the prefix go to bin
@@ -43,78 +45,6 @@ _FORMATS = {
     torch.float16: (torch.int16, 16, 0x7C00),
     torch.bfloat16: (torch.int16, 16, 0x7F80),
 }
-
-
-# merge: use dynasparse.checks
-def _dtype_name(dtype: torch.dtype) -> str:
-    # The C++ checks print c10's names; match them.
-    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
-            torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char",
-            torch.uint8: "Byte", torch.bool: "Bool"}.get(dtype, str(dtype))
-
-
-# merge: use dynasparse.checks
-def _check_score_dtype(op: str, name: str, scores: torch.Tensor) -> None:
-    if scores.dtype not in _FORMATS:
-        raise TypeError(f"dynasparse.{op}: {name} must be float32, float16, bfloat16 or float64, "
-                        f"got {_dtype_name(scores.dtype)}")
-
-
-# merge: use dynasparse.checks
-def _check_k_in_range(op: str, k: int, candidates: int | None) -> None:
-    """`candidates` is None where only the kernels can count them (a candidates mask)."""
-    if k < 0:
-        raise ValueError(f"dynasparse.{op}: k must be >= 0, got {k}")
-    if candidates is not None and k > candidates:
-        raise ValueError(f"dynasparse.{op}: k ({k}) exceeds the number of candidates ({candidates})")
-
-
-# merge: use dynasparse.checks
-def _nan_message(op: str, name: str, among_candidates: bool) -> str:
-    return (f"dynasparse.{op}: {name} contains NaN{' among the candidates' if among_candidates else ''} "
-            "(NaN has no rank)")
-
-
-# merge: use dynasparse.checks
-def _check_topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None) -> None:
-    _check_score_dtype("topk_mask", "scores", scores)
-    if candidates is not None:
-        if candidates.dtype != torch.bool:
-            raise TypeError(f"dynasparse.topk_mask: candidates must be torch.bool, got {_dtype_name(candidates.dtype)}")
-        if candidates.shape != scores.shape:
-            raise ValueError(f"dynasparse.topk_mask: candidates must have scores' shape {list(scores.shape)}, "
-                             f"got {list(candidates.shape)}")
-        if candidates.device != scores.device:
-            raise ValueError(f"dynasparse.topk_mask: candidates must be on scores' device ({scores.device}), "
-                             f"got {candidates.device}")
-    _check_k_in_range("topk_mask", k, scores.numel() if candidates is None else None)
-
-
-# merge: use dynasparse.checks
-def _check_topk_mask_global(scores: list[torch.Tensor], k: int) -> None:
-    for i, tensor in enumerate(scores):
-        _check_score_dtype("topk_mask_global", f"scores[{i}]", tensor)
-        if tensor.dtype != scores[0].dtype:
-            raise TypeError("dynasparse.topk_mask_global: all scores must have one dtype, but scores[0] is "
-                            f"{_dtype_name(scores[0].dtype)} and scores[{i}] is {_dtype_name(tensor.dtype)}")
-        if tensor.device != scores[0].device:
-            raise ValueError("dynasparse.topk_mask_global: all scores must be on one device, but scores[0] is on "
-                             f"{scores[0].device} and scores[{i}] on {tensor.device}")
-    _check_k_in_range("topk_mask_global", k, sum(tensor.numel() for tensor in scores))
-
-
-# merge: use dynasparse.checks
-def _check_nm_mask(scores: torch.Tensor, n: int, m: int) -> None:
-    _check_score_dtype("nm_mask", "scores", scores)
-    if scores.dim() < 1:
-        raise ValueError("dynasparse.nm_mask: scores must have at least one dimension "
-                         "(groups run along the last one), got a 0-d tensor")
-    if m < 1:
-        raise ValueError(f"dynasparse.nm_mask: m must be >= 1, got {m}")
-    if not 0 <= n <= m:
-        raise ValueError(f"dynasparse.nm_mask: n must be in [0, m] = [0, {m}], got {n}")
-    if scores.shape[-1] % m:
-        raise ValueError(f"dynasparse.nm_mask: the last dimension ({scores.shape[-1]}) must be a multiple of m ({m})")
 
 
 @triton.jit
@@ -250,7 +180,7 @@ def _select(scores: list[torch.Tensor], candidates: list[torch.Tensor | None], k
     total = sum(tensor.numel() for tensor in scores)
     infinite = torch.full((), float("inf"), dtype=dtype, device=device)
     if total == 0:
-        _check_k_in_range(op, k, 0)  # only fails with candidates, whose count the checks could not know
+        check_k_in_range(op, k, 0)  # only fails with candidates, whose count the checks could not know
         return masks, infinite
     bits = [tensor.view(bits_dtype) for tensor in scores]
     candidate_bytes = [None if mask is None else mask.view(torch.uint8) for mask in candidates]
@@ -277,8 +207,8 @@ def _select(scores: list[torch.Tensor], candidates: list[torch.Tensor | None], k
             first = torch.cat([nan_counts, histograms[0].sum().reshape(1)]).tolist()
             for name, nan_count in zip(names, first[:-1]):
                 if nan_count:
-                    raise ValueError(_nan_message(op, name, candidates[0] is not None))
-            _check_k_in_range(op, k, first[-1])
+                    raise ValueError(nan_message(op, name, candidates[0] is not None))
+            check_k_in_range(op, k, first[-1])
             if k == 0:
                 for mask in masks:
                     mask.zero_()
@@ -301,7 +231,7 @@ def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = No
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool mask of the k largest scores (among `candidates` when given) and the smallest kept
     score as a 0-d tensor (+inf when k == 0). Ties keep the lower flat index."""
-    _check_topk_mask(scores, k, candidates)
+    check_topk_mask(scores, k, candidates)
     masks, threshold = _select([scores.contiguous()], [None if candidates is None else candidates.contiguous()],
                                k, "topk_mask", ["scores"])
     return masks[0], threshold
@@ -310,7 +240,7 @@ def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = No
 def topk_mask_global(scores: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The k largest scores over the whole list, without concatenating it: one mask per tensor and
     the smallest kept score. Ties keep the earlier tensor, then the lower flat index."""
-    _check_topk_mask_global(scores, k)
+    check_topk_mask_global(scores, k)
     if not scores:  # the checks left k == 0; no tensor names a dtype or device
         return [], torch.full((), float("inf"))
     return _select([tensor.contiguous() for tensor in scores], [None] * len(scores), k, "topk_mask_global",
@@ -320,7 +250,7 @@ def topk_mask_global(scores: list[torch.Tensor], k: int) -> tuple[list[torch.Ten
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool mask keeping the n largest of every m consecutive scores along the last dimension
     (ties: lower index)."""
-    _check_nm_mask(scores, n, m)
+    check_nm_mask(scores, n, m)
     scores = scores.contiguous()
     mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if scores.numel() == 0:
@@ -331,7 +261,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         scores.view(bits_dtype), mask.view(torch.uint8), nan_count, scores.numel(), n, m, inf_bits,
         KEY_BITS=key_bits, BLOCK=BLOCK, num_warps=NUM_WARPS)
     if nan_count.item():
-        raise ValueError(_nan_message("nm_mask", "scores", False))
+        raise ValueError(nan_message("nm_mask", "scores", False))
     return mask
 
 
