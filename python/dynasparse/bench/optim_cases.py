@@ -66,7 +66,7 @@ def optim_workload(device: torch.device, optimizer: str, mode: str, total: int, 
     device_backends = [b for b in usable_backends(device, f"{optimizer}_step")
                        if b != "reference" and not (b == "triton" and device.type == "cpu")]
     # The optimizer picks the backend itself (the first usable one), so it is one variant.
-    variants = {f"fused-{device_backends[0]}": ours.step} if device_backends else {}
+    variants = {device_backends[0]: ours.step} if device_backends else {}
     return baseline, variants
 
 
