@@ -21,42 +21,41 @@ BLOCK_WORDS = 64
 NUM_WARPS = 4
 
 
-# Sizes are not specialized on their value (== 1, multiples of 16), so the variants compiled at
-# run time differ from AOT_SPECS only in pointer-alignment hints and in the integer width Triton
-# picks from a size's value (i32 below 2**31, i64 above); AOT_SPECS lists both widths.
-@triton.jit(do_not_specialize=["k", "total_words"])
-def _pack_mask_kernel(mask_ptr, packed_ptr, k, total_words, BLOCK_WORDS: tl.constexpr):
+@triton.jit
+def _word_tile(k, total_words, BLOCK_WORDS: tl.constexpr):
+    """This program's words, the flat offsets of their [BLOCK_WORDS, 32] mask elements, and
+    which of those exist."""
     # Offsets in int64 whatever width the sizes came in: rows * K passes 2**31 on big masks.
     k64 = k.to(tl.int64)
     words_per_row = (k64 + 31) // 32
     word = tl.program_id(0).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
     row = word // words_per_row
-    first_col = (word - row * words_per_row) * 32
-    bit = tl.arange(0, 32)
-    col = first_col[:, None] + bit[None, :]
+    col = ((word - row * words_per_row) * 32)[:, None] + tl.arange(0, 32)[None, :]
     in_bounds = (word[:, None] < total_words) & (col < k64)
+    return word, row[:, None] * k64 + col, in_bounds
+
+
+# Sizes are not specialized on their value (== 1, multiples of 16), so the variants compiled at
+# run time differ from AOT_SPECS only in pointer-alignment hints and in the integer width Triton
+# picks from a size's value (i32 below 2**31, i64 above); AOT_SPECS lists both widths.
+@triton.jit(do_not_specialize=["k", "total_words"])
+def _pack_mask_kernel(mask_ptr, packed_ptr, k, total_words, BLOCK_WORDS: tl.constexpr):
+    word, element, in_bounds = _word_tile(k, total_words, BLOCK_WORDS)
     # Bool tensors arrive as uint8 views: Triton has no bool pointer loads worth trusting.
-    byte = tl.load(mask_ptr + row[:, None] * k64 + col, mask=in_bounds, other=0)
+    byte = tl.load(mask_ptr + element, mask=in_bounds, other=0)
     # Distinct bits, so the sum is their OR and stays below 2**32 in uint32.
-    bits = (byte != 0).to(tl.uint32) << bit[None, :].to(tl.uint32)
+    bits = (byte != 0).to(tl.uint32) << tl.arange(0, 32)[None, :].to(tl.uint32)
     packed = tl.sum(bits, axis=1)
     tl.store(packed_ptr + word, packed.to(tl.int32, bitcast=True), mask=word < total_words)
 
 
 @triton.jit(do_not_specialize=["k", "total_words"])
 def _unpack_mask_kernel(packed_ptr, mask_ptr, k, total_words, BLOCK_WORDS: tl.constexpr):
-    k64 = k.to(tl.int64)
-    words_per_row = (k64 + 31) // 32
-    word = tl.program_id(0).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
-    row = word // words_per_row
-    first_col = (word - row * words_per_row) * 32
-    bit = tl.arange(0, 32)
-    col = first_col[:, None] + bit[None, :]
-    in_bounds = (word[:, None] < total_words) & (col < k64)
+    word, element, in_bounds = _word_tile(k, total_words, BLOCK_WORDS)
     packed = tl.load(packed_ptr + word, mask=word < total_words, other=0)
     # The arithmetic shift copies the sign bit downwards; the & 1 keeps only bit j.
-    byte = (packed[:, None] >> bit[None, :]) & 1
-    tl.store(mask_ptr + row[:, None] * k64 + col, byte.to(tl.uint8), mask=in_bounds)
+    byte = (packed[:, None] >> tl.arange(0, 32)[None, :]) & 1
+    tl.store(mask_ptr + element, byte.to(tl.uint8), mask=in_bounds)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

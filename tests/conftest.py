@@ -26,3 +26,20 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     return ["dynasparse backends:"] + ["  " + line for line in dynasparse.format_backends().splitlines()]
+
+
+# As a bool byte it is neither False (0) nor True (1).
+POISON_BYTE = 0x5A
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty filled with POISON_BYTE, so an output element a kernel skips shows up."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        tensor.untyped_storage().fill_(POISON_BYTE)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", poisoned)

@@ -14,7 +14,6 @@ from dynasparse.kernels import bitmask  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KS = [0, 1, 7, 31, 32, 33, 64, 65, 100, 257]
 LEADING = [(), (1,), (3,), (2, 3), (0,), (2, 0)]
-POISON_BYTE = 0x5A  # as a bool byte it is neither False (0) nor True (1)
 
 # Powers of two by multiplication, not shifts: the reference should not share the kernels' logic.
 _BIT_VALUES = torch.tensor([2**j for j in range(32)], dtype=torch.int64)
@@ -44,18 +43,6 @@ def as_bytes(mask: torch.Tensor) -> torch.Tensor:
     # Compare bool results byte for byte: a poison byte may read as True in bool comparisons.
     return mask.cpu().view(torch.uint8)
 
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty filled with POISON_BYTE, so an output element the kernel skips shows up."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        tensor = real_empty(*args, **kwargs)
-        tensor.untyped_storage().fill_(POISON_BYTE)
-        return tensor
-
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0])

@@ -22,7 +22,6 @@ from tests.helpers import poison_allocator  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-POISON_BYTE = 0x5A  # as a bool byte it is neither False (0) nor True (1)
 
 
 class TritonLaunchers:
@@ -55,18 +54,6 @@ class CudaOps:
 def impl(request):
     return request.param
 
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty filled with POISON_BYTE, so a mask element no kernel writes shows up."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        tensor = real_empty(*args, **kwargs)
-        tensor.untyped_storage().fill_(POISON_BYTE)
-        return tensor
-
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 def oracle_topk(scores: list[torch.Tensor], k: int, candidates: list[torch.Tensor] | None = None):
