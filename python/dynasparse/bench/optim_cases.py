@@ -9,12 +9,14 @@ them a little; only speed is compared here, correctness is tested in tests/optim
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dynasparse import usable_backends
 from dynasparse import optim as sparse_optim
 
-from .harness import Case, register
+from .harness import Case, measure, register, synchronizer
 
 DENSITY = 0.2
 # (total parameters, tensors): 25M over 50 tensors is a mid-size CNN or transformer; the quick
@@ -70,13 +72,42 @@ def optim_workload(device: torch.device, optimizer: str, mode: str, total: int, 
     return baseline, variants
 
 
+# Bytes per weight that a step must read and write at least once (fp32 weights, state and
+# grads, a 1-byte mask): masked SGD reads w, g, momentum, mask and writes w, momentum;
+# feedback with statistics also reads and writes the statistic; AdamW has two moments.
+REQUIRED_BYTES_PER_WEIGHT = {("sgd", "masked"): 21, ("sgd", "feedback"): 29,
+                             ("adamw", "masked"): 29, ("adamw", "feedback"): 37}
+_copy_bandwidth: dict[str, float] = {}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """The device's copy bandwidth in bytes/s (bytes read + written by a 256 MiB copy), the
+    ceiling a memory-bound step is measured against; measured once per device."""
+    if device.type not in _copy_bandwidth:
+        source = torch.empty(64 << 20, dtype=torch.float32, device=device).fill_(1.0)
+        target = torch.empty_like(source)
+        timing = measure(lambda: target.copy_(source), sync=synchronizer(device), target_s=0.5)
+        _copy_bandwidth[device.type] = 2 * source.nbytes / (timing.median_ms * 1e-3)
+    return _copy_bandwidth[device.type]
+
+
+def bandwidth_metrics(step, device: torch.device, *, required_bytes: int) -> dict[str, float]:
+    """The required bytes over the step's time, absolute and as a fraction of copy bandwidth
+    (the issue's GPU target: >= 0.8 for the fused step)."""
+    seconds = measure(step, sync=synchronizer(device), target_s=0.5).median_ms * 1e-3
+    achieved = required_bytes / seconds
+    return {"GB_per_s": achieved / 1e9, "vs_copy_bandwidth": achieved / copy_bandwidth(device)}
+
+
 def _register_optim_cases() -> None:
     for total, tensors, quick in SIZES:
         for optimizer in OPTIMIZERS:
             for mode, detail in (("masked", "masked"), ("feedback", "feedback-stats")):
                 params = {"optimizer": optimizer, "mode": mode, "total": total, "tensors": tensors}
+                required = total * REQUIRED_BYTES_PER_WEIGHT[optimizer, mode]
                 register(Case("optim", f"{optimizer}-{detail}-{total // 1_000_000}M-{tensors}t", params,
-                              optim_workload, quick=quick, check=None))
+                              optim_workload, quick=quick, check=None,
+                              metrics=functools.partial(bandwidth_metrics, required_bytes=required)))
 
 
 _register_optim_cases()

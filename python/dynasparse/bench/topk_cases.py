@@ -20,6 +20,7 @@ threads x 16 KiB + 1 KiB) is plain heap memory the profiler does not see.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -33,6 +34,9 @@ DENSITY = 0.1
 SINGLE_SIZES = (("1M", 1 << 20, True), ("16M", 16 << 20, False))
 GLOBAL_SIZES = (("50-tensors-1M", 1 << 20, True), ("50-tensors-25M", 25 << 20, False))
 GLOBAL_TENSORS = 50
+# GPU only (CPU runs cover 16M and 25M): the issue's GPU targets, 100M scores against
+# torch.topk, and global selection over the weights of a ResNet-50 in under 2 ms.
+GPU_SINGLE_SIZES = (("100M", 100_000_000),)
 
 
 # float32 1e-3: the smallest score; 25M consecutive bit patterns above it span 3 octaves.
@@ -89,6 +93,32 @@ def topk_mask_global_workload(device: torch.device, numel: int, tensors: int, de
              for backend in _compiled_backends("topk_mask_global", device)})
 
 
+def resnet50_weight_shapes() -> list[tuple[int, ...]]:
+    """The conv and linear weight shapes of torchvision's ResNet-50 (25.5M weights), derived
+    from its architecture rather than built, so no torchvision is needed."""
+    shapes = [(64, 3, 7, 7)]
+    in_channels = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shapes += [(width, in_channels, 1, 1), (width, width, 3, 3), (4 * width, width, 1, 1)]
+            if block == 0:
+                shapes.append((4 * width, in_channels, 1, 1))  # the downsampling shortcut
+            in_channels = 4 * width
+    return shapes + [(1000, 2048)]
+
+
+def resnet50_global_workload(device: torch.device, density: float):
+    generator = torch.Generator().manual_seed(0)
+    shapes = resnet50_weight_shapes()
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = _distinct_scores(sum(sizes), device, generator)
+    scores = [piece.reshape(shape) for piece, shape in zip(flat.split(sizes), shapes)]
+    k = round(density * flat.numel())
+    return (functools.partial(cat_topk_baseline, scores, k),
+            {backend: (lambda backend=backend: ops.topk_mask_global(scores, k, backend=backend)[0])
+             for backend in _compiled_backends("topk_mask_global", device)})
+
+
 def _allocation_timeline_peak(fn) -> tuple[int, int]:
     """(peak, final) bytes allocated by `fn` through torch's CPU allocator, from the profiler."""
     from torch._C._profiler import _EventType
@@ -138,6 +168,13 @@ def _register_topk_cases() -> None:
         register(Case("topk", f"topk_mask_global-{suffix}-vs-cat-topk",
                       {"numel": numel, "tensors": GLOBAL_TENSORS, "density": DENSITY}, topk_mask_global_workload,
                       quick=quick, metrics=functools.partial(peak_extra_memory, scores_bytes=4 * numel)))
+    for suffix, numel in GPU_SINGLE_SIZES:
+        register(Case("topk", f"topk_mask-{suffix}-vs-topk", {"numel": numel, "density": DENSITY, "baseline": "topk"},
+                      topk_mask_workload, devices=("cuda",),
+                      metrics=functools.partial(peak_extra_memory, scores_bytes=4 * numel)))
+    resnet_numel = sum(math.prod(shape) for shape in resnet50_weight_shapes())
+    register(Case("topk", "topk_mask_global-resnet50-vs-cat-topk", {"density": DENSITY}, resnet50_global_workload,
+                  devices=("cuda",), metrics=functools.partial(peak_extra_memory, scores_bytes=4 * resnet_numel)))
 
 
 _register_topk_cases()
