@@ -50,3 +50,42 @@ TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
   // N:M: the n largest scores in every group of m consecutive elements of the last dimension.
   m.def("nm_mask(Tensor scores, int n, int m) -> Tensor");
 }
+
+// Masked matmul over a weight w [N, K] and a bool mask m [N, K]: y = x @ (w * m).T (+ bias),
+// grad_input = grad_out @ (w * m) (the same products over the plan of m.T, with w.T's
+// values), and the masked weight gradient (SDDMM: grad_out.T @ x at the mask's nonzeros).
+// Kernels read a plan built once per mask change, never the bool mask itself.
+//
+// Panel plan (unstructured masks): K is cut into panels of `panel` columns (1..65536). Entry
+// p * N + n of row_ptr (int64, ceil(K / panel) * N + 1 entries) is where row n's nonzeros
+// inside panel p start; cols (int16) holds each nonzero's column minus p * panel as the low
+// 16 bits of an unsigned value, ascending inside a (panel, row) segment. Packed values (one
+// per nonzero, in plan order) are refreshed from w whenever w changes.
+//
+// Block plan (b x b blocks): row_ptr (int64, ceil(N / b) + 1 entries) starts each block row's
+// run of cols (int32 block-column indices, ascending); a block is listed when any of its mask
+// elements is set. Packed values are [blocks, b, b] holding w * m, zero past N and K.
+//
+// Fused bitmask path (Triton): w is read directly and masked in registers by its packed
+// bitmask (pack_mask of m); a block plan of m with b = tile lists the tiles to visit.
+TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
+  m.set_python_module("dynasparse.ops.matmul");
+  m.def("plan_panels(Tensor mask, int panel) -> (Tensor row_ptr, Tensor cols)");
+  m.def("plan_blocks(Tensor mask, int block) -> (Tensor row_ptr, Tensor cols)");
+  m.def("pack_panels(Tensor weight, Tensor row_ptr, Tensor cols, int panel) -> Tensor");
+  m.def("pack_blocks(Tensor weight, Tensor mask, Tensor row_ptr, Tensor cols, int block) -> Tensor");
+  m.def("unpack_panels(Tensor values, Tensor row_ptr, Tensor cols, int panel, SymInt n, SymInt k) -> Tensor");
+  m.def("unpack_blocks(Tensor values, Tensor row_ptr, Tensor cols, SymInt n, SymInt k) -> Tensor");
+  // y (..., n) = x (..., K) @ W.T (+ bias), W the [n, K] matrix a plan and its values describe.
+  m.def("spmm_panels(Tensor x, Tensor values, Tensor row_ptr, Tensor cols, int panel, SymInt n, "
+        "Tensor? bias=None) -> Tensor");
+  m.def("spmm_blocks(Tensor x, Tensor values, Tensor row_ptr, Tensor cols, SymInt n, Tensor? bias=None) -> Tensor");
+  // Packed values (plan order) of grad_out (..., N).T @ x (..., K), summed over all leading dims.
+  m.def("sddmm_panels(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor cols, int panel) -> Tensor");
+  m.def("sddmm_blocks(Tensor grad_out, Tensor x, Tensor mask, Tensor row_ptr, Tensor cols, int block) -> Tensor");
+  m.def("masked_mm(Tensor x, Tensor weight, Tensor mask_words, Tensor tile_ptr, Tensor tile_cols, int tile, "
+        "Tensor? bias=None) -> Tensor");
+  // Dense [N, K] weight gradient, zero wherever the mask is.
+  m.def("masked_sddmm(Tensor grad_out, Tensor x, Tensor mask_words, Tensor tile_ptr, Tensor tile_cols, "
+        "int tile) -> Tensor");
+}

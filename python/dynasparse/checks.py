@@ -196,3 +196,248 @@ def check_nm_mask(scores: torch.Tensor, n: int, m: int) -> None:
         raise ValueError(f"dynasparse.nm_mask: n must be in [0, m] = [0, {m}], got {n}")
     if scores.shape[-1] % m != 0:
         raise ValueError(f"dynasparse.nm_mask: the last dimension ({scores.shape[-1]}) must be a multiple of m ({m})")
+
+
+# Masked matmul (csrc/matmul.h): plans, packed values and products.
+
+MAX_PANEL = 65536
+MATMUL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def panel_count(k: int, panel: int) -> int:
+    return ceil_div(k, panel)
+
+
+def check_plan_mask(op: str, mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"dynasparse.{op}: mask must be torch.bool, got {_dtype_name(mask.dtype)} "
+                        "(masks are explicit bool tensors; never derive one from weight == 0)")
+    if mask.dim() != 2:
+        raise ValueError(f"dynasparse.{op}: mask must be 2-D [N, K], got {mask.dim()}-D")
+
+
+def check_panel(op: str, panel: int) -> None:
+    if not 1 <= panel <= MAX_PANEL:
+        raise ValueError(f"dynasparse.{op}: panel must be in [1, {MAX_PANEL}] "
+                         f"(columns are 16-bit offsets inside a panel), got {panel}")
+
+
+def check_block(op: str, block: int) -> None:
+    if block < 1:
+        raise ValueError(f"dynasparse.{op}: block must be >= 1, got {block}")
+
+
+def _check_size(op: str, name: str, size: int) -> None:
+    if size < 0:
+        raise ValueError(f"dynasparse.{op}: {name} must be >= 0, got {size}")
+
+
+def _check_same_device(op: str, name: str, tensor: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(f"dynasparse.{op}: {name} is on {tensor.device} but {ref_name} is on {ref.device}")
+
+
+def _check_index(op: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, ref: torch.Tensor,
+                 ref_name: str) -> None:
+    if tensor.dtype != dtype:
+        raise TypeError(f"dynasparse.{op}: {name} must be {_dtype_name(dtype)} (as built by the plan ops), "
+                        f"got {_dtype_name(tensor.dtype)}")
+    if tensor.dim() != 1 or not tensor.is_contiguous():
+        raise ValueError(f"dynasparse.{op}: {name} must be a contiguous 1-D tensor (as built by the plan ops)")
+    _check_same_device(op, name, tensor, ref, ref_name)
+
+
+def check_panel_plan(op: str, row_ptr: torch.Tensor, cols: torch.Tensor, panel: int, n: int, k: int,
+                     ref: torch.Tensor, ref_name: str) -> None:
+    check_panel(op, panel)
+    _check_index(op, "row_ptr", row_ptr, torch.int64, ref, ref_name)
+    _check_index(op, "cols", cols, torch.int16, ref, ref_name)
+    expected = panel_count(k, panel) * n + 1
+    if row_ptr.numel() != expected:
+        raise ValueError(f"dynasparse.{op}: row_ptr has {row_ptr.numel()} entries, but a panel plan of an "
+                         f"[{n}, {k}] mask with panel {panel} has {expected} "
+                         "(a plan built for another shape or panel width)")
+
+
+def check_block_plan(op: str, row_ptr: torch.Tensor, cols: torch.Tensor, block: int, n: int,
+                     ref: torch.Tensor, ref_name: str) -> None:
+    check_block(op, block)
+    _check_index(op, "row_ptr", row_ptr, torch.int64, ref, ref_name)
+    _check_index(op, "cols", cols, torch.int32, ref, ref_name)
+    expected = ceil_div(n, block) + 1
+    if row_ptr.numel() != expected:
+        raise ValueError(f"dynasparse.{op}: row_ptr has {row_ptr.numel()} entries, but a block plan with block "
+                         f"{block} over {n} rows has {expected} (a plan built for another shape or block size)")
+
+
+def _check_float(op: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in MATMUL_DTYPES:
+        raise TypeError(f"dynasparse.{op}: {name} must be float32, float64, float16 or bfloat16, "
+                        f"got {_dtype_name(tensor.dtype)}")
+
+
+def _check_weight(op: str, weight: torch.Tensor) -> None:
+    _check_float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"dynasparse.{op}: weight must be 2-D [N, K], got {weight.dim()}-D")
+
+
+def _check_same_dtype(op: str, name: str, tensor: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if tensor.dtype != ref.dtype:
+        raise TypeError(f"dynasparse.{op}: {name} is {_dtype_name(tensor.dtype)} but {ref_name} is "
+                        f"{_dtype_name(ref.dtype)} (one dtype per product)")
+
+
+def _check_operand(op: str, name: str, tensor: torch.Tensor, size: int, ref: torch.Tensor, ref_name: str) -> None:
+    _check_float(op, name, tensor)
+    if tensor.dim() < 1:
+        raise ValueError(f"dynasparse.{op}: {name} must have at least one dimension")
+    if tensor.shape[-1] != size:
+        raise ValueError(f"dynasparse.{op}: {name} must have {size} elements in its last dimension, "
+                         f"got {tensor.shape[-1]}")
+    _check_same_dtype(op, name, tensor, ref, ref_name)
+    _check_same_device(op, name, tensor, ref, ref_name)
+
+
+def _check_bias(op: str, bias: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if bias.dim() != 1 or bias.shape[0] != n:
+        raise ValueError(f"dynasparse.{op}: bias must have shape [{n}], got {list(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"dynasparse.{op}: bias is {_dtype_name(bias.dtype)} but x is {_dtype_name(x.dtype)}")
+    _check_same_device(op, "bias", bias, x, "x")
+
+
+def _check_panel_values(op: str, values: torch.Tensor, cols: torch.Tensor) -> None:
+    _check_float(op, "values", values)
+    if values.dim() != 1 or values.numel() != cols.numel():
+        raise ValueError(f"dynasparse.{op}: values must be 1-D with one entry per plan nonzero ({cols.numel()}), "
+                         f"got shape {list(values.shape)}")
+    _check_same_device(op, "values", values, cols, "cols")
+
+
+def _check_block_values(op: str, values: torch.Tensor, cols: torch.Tensor) -> int:
+    _check_float(op, "values", values)
+    if not (values.dim() == 3 and values.shape[0] == cols.numel() and values.shape[1] == values.shape[2]
+            and values.shape[1] >= 1):
+        raise ValueError(f"dynasparse.{op}: values must be [{cols.numel()}, b, b] (one b x b block per plan "
+                         f"block), got shape {list(values.shape)}")
+    _check_same_device(op, "values", values, cols, "cols")
+    return values.shape[1]
+
+
+def check_plan_panels(mask: torch.Tensor, panel: int) -> None:
+    check_plan_mask("plan_panels", mask)
+    check_panel("plan_panels", panel)
+
+
+def check_plan_blocks(mask: torch.Tensor, block: int) -> None:
+    check_plan_mask("plan_blocks", mask)
+    check_block("plan_blocks", block)
+
+
+def check_pack_panels(weight, row_ptr, cols, panel: int) -> None:
+    _check_weight("pack_panels", weight)
+    check_panel_plan("pack_panels", row_ptr, cols, panel, weight.shape[0], weight.shape[1], weight, "weight")
+
+
+def check_pack_blocks(weight, mask, row_ptr, cols, block: int) -> None:
+    _check_weight("pack_blocks", weight)
+    check_plan_mask("pack_blocks", mask)
+    if mask.shape != weight.shape:
+        raise ValueError(f"dynasparse.pack_blocks: mask has shape {list(mask.shape)} "
+                         f"but weight has shape {list(weight.shape)}")
+    _check_same_device("pack_blocks", "mask", mask, weight, "weight")
+    check_block_plan("pack_blocks", row_ptr, cols, block, weight.shape[0], weight, "weight")
+
+
+def check_unpack_panels(values, row_ptr, cols, panel: int, n: int, k: int) -> None:
+    _check_size("unpack_panels", "n", n)
+    _check_size("unpack_panels", "k", k)
+    check_panel_plan("unpack_panels", row_ptr, cols, panel, n, k, values, "values")
+    _check_panel_values("unpack_panels", values, cols)
+
+
+def check_unpack_blocks(values, row_ptr, cols, n: int, k: int) -> int:
+    _check_size("unpack_blocks", "n", n)
+    _check_size("unpack_blocks", "k", k)
+    block = _check_block_values("unpack_blocks", values, cols)
+    check_block_plan("unpack_blocks", row_ptr, cols, block, n, values, "values")
+    return block
+
+
+def check_spmm_panels(x, values, row_ptr, cols, panel: int, n: int, bias) -> None:
+    _check_size("spmm_panels", "n", n)
+    _check_float("spmm_panels", "x", x)
+    if x.dim() < 1:
+        raise ValueError("dynasparse.spmm_panels: x must have at least one dimension")
+    check_panel_plan("spmm_panels", row_ptr, cols, panel, n, x.shape[-1], x, "x")
+    _check_panel_values("spmm_panels", values, cols)
+    _check_same_dtype("spmm_panels", "values", values, x, "x")
+    _check_bias("spmm_panels", bias, n, x)
+
+
+def check_spmm_blocks(x, values, row_ptr, cols, n: int, bias) -> int:
+    _check_size("spmm_blocks", "n", n)
+    _check_float("spmm_blocks", "x", x)
+    if x.dim() < 1:
+        raise ValueError("dynasparse.spmm_blocks: x must have at least one dimension")
+    block = _check_block_values("spmm_blocks", values, cols)
+    check_block_plan("spmm_blocks", row_ptr, cols, block, n, x, "x")
+    _check_same_dtype("spmm_blocks", "values", values, x, "x")
+    _check_bias("spmm_blocks", bias, n, x)
+    return block
+
+
+def _check_sddmm_operands(op: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    _check_float(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"dynasparse.{op}: x must have at least one dimension")
+    _check_operand(op, "grad_out", grad_out, grad_out.shape[-1] if grad_out.dim() >= 1 else 0, x, "x")
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"dynasparse.{op}: grad_out {list(grad_out.shape)} and x {list(x.shape)} "
+                         "must have the same leading dimensions")
+
+
+def check_sddmm_panels(grad_out, x, row_ptr, cols, panel: int) -> None:
+    _check_sddmm_operands("sddmm_panels", grad_out, x)
+    check_panel_plan("sddmm_panels", row_ptr, cols, panel, grad_out.shape[-1], x.shape[-1], x, "x")
+
+
+def check_sddmm_blocks(grad_out, x, mask, row_ptr, cols, block: int) -> None:
+    _check_sddmm_operands("sddmm_blocks", grad_out, x)
+    check_plan_mask("sddmm_blocks", mask)
+    if mask.shape[0] != grad_out.shape[-1] or mask.shape[1] != x.shape[-1]:
+        raise ValueError(f"dynasparse.sddmm_blocks: mask must be [{grad_out.shape[-1]}, {x.shape[-1]}], "
+                         f"got {list(mask.shape)}")
+    _check_same_device("sddmm_blocks", "mask", mask, x, "x")
+    check_block_plan("sddmm_blocks", row_ptr, cols, block, grad_out.shape[-1], x, "x")
+
+
+def _check_mask_words(op: str, mask_words, n: int, k: int, ref, ref_name: str) -> None:
+    if mask_words.dtype != torch.int32:
+        raise TypeError(f"dynasparse.{op}: mask_words must be torch.int32 (pack_mask of the mask), "
+                        f"got {_dtype_name(mask_words.dtype)}")
+    if mask_words.dim() != 2 or mask_words.shape[0] != n or mask_words.shape[1] != words_per_row(k):
+        raise ValueError(f"dynasparse.{op}: mask_words must be [{n}, {words_per_row(k)}] (pack_mask of an "
+                         f"[{n}, {k}] mask), got {list(mask_words.shape)}")
+    _check_same_device(op, "mask_words", mask_words, ref, ref_name)
+
+
+def check_masked_mm(x, weight, mask_words, tile_ptr, tile_cols, tile: int, bias) -> None:
+    _check_weight("masked_mm", weight)
+    _check_operand("masked_mm", "x", x, weight.shape[1], weight, "weight")
+    _check_mask_words("masked_mm", mask_words, weight.shape[0], weight.shape[1], weight, "weight")
+    check_block_plan("masked_mm", tile_ptr, tile_cols, tile, weight.shape[0], weight, "weight")
+    _check_bias("masked_mm", bias, weight.shape[0], x)
+
+
+def check_masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile: int) -> None:
+    _check_sddmm_operands("masked_sddmm", grad_out, x)
+    _check_mask_words("masked_sddmm", mask_words, grad_out.shape[-1], x.shape[-1], x, "x")
+    check_block_plan("masked_sddmm", tile_ptr, tile_cols, tile, grad_out.shape[-1], x, "x")
