@@ -11,7 +11,7 @@ from .. import checks
 from .bitmask import unpack_mask
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., K) as a 2-D [rows, K] matrix (also when K or the leading dims are 0)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
@@ -94,7 +94,7 @@ def unpack_blocks(values, row_ptr, cols, n: int, k: int):
 
 
 def _linear(x, weight, bias):
-    y = _rows(x) @ weight.T
+    y = as_rows(x) @ weight.T
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -111,7 +111,7 @@ def spmm_blocks(x, values, row_ptr, cols, n: int, bias=None):
 
 
 def _weight_grad(grad_out, x):
-    return _rows(grad_out).T @ _rows(x)
+    return as_rows(grad_out).T @ as_rows(x)
 
 
 def sddmm_panels(grad_out, x, row_ptr, cols, panel: int):

@@ -1,0 +1,220 @@
+"""Masks and their kernel plans: what a sparse layer builds once per mask change.
+
+A `MaskPlan` holds, for one bool mask m [N, K] on one device, the index structures the
+masked matmul kernels read (for m, and for m.T, which the input gradient needs), and caches
+the packed weight values, repacked only when the weight has changed (its version counter).
+`plan.linear(x, weight, bias, grad_mode)` is the differentiable product every sparse module
+wires: forward x @ (w * m).T + bias, input gradient through the plan of m.T, and the weight
+gradient either dense (feedback: DPF trains every weight) or only at the mask (masked).
+
+Kernels per device and layout (`MaskPlan.kernel` names the one chosen):
+- "panels": packed values + 16-bit column offsets in K-panels (CPU C++, CUDA C++);
+- "blocks": packed b x b blocks (CPU C++);
+- "bitmask": w read in place, masked in registers from its bitmask, empty tiles skipped
+  (Triton, on CUDA devices).
+Unstructured and 2:4 masks use "panels" on the CPU and "bitmask" on CUDA; block masks use
+"blocks" on the CPU and "bitmask" with one tile per block on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks, dispatch, ops
+from .reference.matmul import as_rows
+
+LAYOUTS = ("unstructured", "block", "2:4")
+KERNELS = ("panels", "blocks", "bitmask")
+GRAD_MODES = ("feedback", "masked")
+BLOCK_SIZES = (16, 32, 64)
+# K-panel width of the CPU kernels: a panel of x for a 128-row batch chunk stays in L2.
+CPU_PANEL = 256
+# Tile of the fused bitmask kernels for unstructured masks.
+BITMASK_TILE = 64
+
+
+def _default_kernel(layout: str, device: torch.device) -> str:
+    if device.type == "cuda" and "masked_mm" in dispatch._TRITON_OPS and dispatch.status("triton").usable:
+        return "bitmask"
+    return "blocks" if layout == "block" else "panels"
+
+
+def _panel_width(kernel_device: torch.device, k: int) -> int:
+    # GPU row-split kernels want whole rows: one panel when K fits 16-bit offsets.
+    if kernel_device.type == "cuda":
+        return max(1, min(k, checks.MAX_PANEL))
+    return CPU_PANEL
+
+
+def check_layout(layout: str, block: int | None, mask: torch.Tensor) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"dynasparse: unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "block":
+        if block not in BLOCK_SIZES:
+            raise ValueError(f"dynasparse: layout 'block' needs block in {BLOCK_SIZES}, got {block!r}")
+    elif block is not None:
+        raise ValueError(f"dynasparse: block={block} only applies to layout 'block', not {layout!r}")
+    if layout == "2:4":
+        if mask.shape[-1] % 4 != 0:
+            raise ValueError(f"dynasparse: layout '2:4' needs K divisible by 4, got a mask of shape {list(mask.shape)}")
+        if mask.numel() and int(mask.reshape(-1, 4).sum(-1).max()) > 2:
+            raise ValueError("dynasparse: layout '2:4' needs at most 2 active weights in every group of 4 "
+                             "consecutive weights of a row (dynasparse.ops.nm_mask(scores, 2, 4) makes such a mask)")
+
+
+class MaskPlan:
+    """Kernel plans of one bool mask [N, K], built once; see the module docstring.
+
+    The plan keeps a reference to the mask and its version: using it after the mask was
+    modified in place, or with another mask, raises instead of computing with a stale plan.
+    """
+
+    def __init__(self, mask: torch.Tensor, layout: str = "unstructured", *, block: int | None = None,
+                 kernel: str | None = None, backend: str | None = None):
+        checks.check_plan_mask("MaskPlan", mask)
+        check_layout(layout, block, mask)
+        kernel = kernel if kernel is not None else _default_kernel(layout, mask.device)
+        if kernel not in KERNELS:
+            raise ValueError(f"dynasparse.MaskPlan: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        if kernel == "blocks" and layout != "block":
+            raise ValueError(f"dynasparse.MaskPlan: kernel 'blocks' needs layout 'block', got {layout!r}")
+        self.layout, self.kernel, self.backend = layout, kernel, backend
+        self.shape = tuple(mask.shape)
+        self.mask = mask
+        self.mask_version = mask._version
+        n, k = self.shape
+        mask_t = mask.T
+        if kernel == "panels":
+            self.size = _panel_width(mask.device, k)
+            self.index = ops.plan_panels(mask, self.size, backend=backend)
+            self.index_t = ops.plan_panels(mask_t, _panel_width(mask.device, n), backend=backend)
+            self.size_t = _panel_width(mask.device, n)
+        else:
+            self.size = self.size_t = block if layout == "block" else BITMASK_TILE
+            self.index = ops.plan_blocks(mask, self.size, backend=backend)
+            self.index_t = ops.plan_blocks(mask_t, self.size, backend=backend)
+        if kernel == "bitmask":
+            self.words = ops.pack_mask(mask, backend=backend)
+            self.words_t = ops.pack_mask(mask_t, backend=backend)
+        self._values = None
+        self._values_key = None
+
+    # --- validity ---
+
+    def check(self, mask: torch.Tensor | None = None) -> None:
+        """Raise if the plan no longer describes its mask (modified in place) or `mask`."""
+        if mask is not None and mask is not self.mask:
+            raise ValueError("dynasparse.MaskPlan: this plan was built for another mask tensor; "
+                             "build a new plan (MaskPlan(mask, ...)) after replacing a mask")
+        # Version counters are invisible to a traced graph; a compiled caller that swaps in a
+        # new plan object is recompiled by dynamo's guards instead.
+        if not torch.compiler.is_compiling() and self.mask._version != self.mask_version:
+            raise ValueError("dynasparse.MaskPlan: the mask was modified in place after the plan was built; "
+                             "rebuild the plan (the old one would compute with the old mask)")
+
+    def _check_weight(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"dynasparse.MaskPlan: weight has shape {list(weight.shape)} but the plan's mask "
+                             f"has shape {list(self.shape)}")
+        if weight.device != self.mask.device:
+            raise ValueError(f"dynasparse.MaskPlan: weight is on {weight.device} but the plan is on {self.mask.device}")
+
+    # --- packed values ---
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The packed values of w for this plan (None for the bitmask kernel, which reads w
+        in place). Cached: repacked only when w is another tensor or has changed since."""
+        self._check_weight(weight)
+        if self.kernel == "bitmask":
+            return None
+        if torch.compiler.is_compiling():
+            # Version counters are invisible to a traced graph: compiled code packs every call.
+            return self._pack(weight.detach())
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.stride())
+        if self._values_key != key:
+            with torch.no_grad():
+                self._values = self._pack(weight.detach())
+            self._values_key = key
+        return self._values
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "panels":
+            return ops.pack_panels(weight, *self.index, self.size, backend=self.backend)
+        return ops.pack_blocks(weight, self.mask, *self.index, self.size, backend=self.backend)
+
+    def _pack_t(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "panels":
+            return ops.pack_panels(weight.T, *self.index_t, self.size_t, backend=self.backend)
+        return ops.pack_blocks(weight.T, self.mask.T, *self.index_t, self.size_t, backend=self.backend)
+
+    # --- the three products ---
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ (w * m).T (+ bias); `values` from `pack(weight)`."""
+        n = self.shape[0]
+        if self.kernel == "panels":
+            return ops.spmm_panels(x, values, *self.index, self.size, n, bias, backend=self.backend)
+        if self.kernel == "blocks":
+            return ops.spmm_blocks(x, values, *self.index, n, bias, backend=self.backend)
+        return ops.masked_mm(x, weight, self.words, *self.index, self.size, bias, backend=self.backend)
+
+    def grad_input(self, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """grad_out @ (w * m), through the plan of m.T."""
+        k = self.shape[1]
+        if self.kernel == "panels":
+            return ops.spmm_panels(grad_out, self._pack_t(weight), *self.index_t, self.size_t, k,
+                                   backend=self.backend)
+        if self.kernel == "blocks":
+            return ops.spmm_blocks(grad_out, self._pack_t(weight), *self.index_t, k, backend=self.backend)
+        return ops.masked_mm(grad_out, weight.T, self.words_t, *self.index_t, self.size_t, backend=self.backend)
+
+    def grad_weight_masked(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Dense [N, K] grad_out.T @ x at the mask's nonzeros, zero elsewhere (SDDMM)."""
+        n, k = self.shape
+        if self.kernel == "panels":
+            values = ops.sddmm_panels(grad_out, x, *self.index, self.size, backend=self.backend)
+            return ops.unpack_panels(values, *self.index, self.size, n, k, backend=self.backend)
+        if self.kernel == "blocks":
+            values = ops.sddmm_blocks(grad_out, x, self.mask, *self.index, self.size, backend=self.backend)
+            return ops.unpack_blocks(values, *self.index, n, k, backend=self.backend)
+        return ops.masked_sddmm(grad_out, x, self.words, *self.index, self.size, backend=self.backend)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               grad_mode: str = "feedback") -> torch.Tensor:
+        """Differentiable x @ (w * m).T + bias (see the module docstring for grad_mode)."""
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"dynasparse: unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
+        self.check()
+        return _MaskedLinear.apply(x, weight, bias, self.pack(weight), self, grad_mode)
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return (f"MaskPlan([{n}, {k}], layout={self.layout!r}, kernel={self.kernel!r}, "
+                f"{'panel' if self.kernel == 'panels' else 'tile'}={self.size}, device={self.mask.device})")
+
+
+class _MaskedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, plan, grad_mode):
+        ctx.plan, ctx.grad_mode = plan, grad_mode
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return plan.forward(x, weight, values, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        plan = ctx.plan
+        grad_out = grad_out.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = plan.grad_input(grad_out, weight)
+        if ctx.needs_input_grad[1]:
+            if ctx.grad_mode == "masked":
+                grad_weight = plan.grad_weight_masked(grad_out, x)
+            else:
+                grad_weight = as_rows(grad_out).T @ as_rows(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = as_rows(grad_out).sum(0)
+        return grad_x, grad_weight, grad_bias, None, None, None
