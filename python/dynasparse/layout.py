@@ -159,14 +159,23 @@ class MaskPlan:
             return ops.spmm_blocks(x, values, *self.index, n, bias, backend=self.backend)
         return ops.masked_mm(x, weight, self.words, *self.index, self.size, bias, backend=self.backend)
 
-    def grad_input(self, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """grad_out @ (w * m), through the plan of m.T."""
+    def pack_transposed(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The packed values of w.T for the plan of m.T (None for the bitmask kernel). Not
+        cached: training changes w between one backward and the next."""
+        self._check_weight(weight)
+        return None if self.kernel == "bitmask" else self._pack_t(weight.detach())
+
+    def grad_input(self, grad_out: torch.Tensor, weight: torch.Tensor,
+                   values_t: torch.Tensor | None = None) -> torch.Tensor:
+        """grad_out @ (w * m), through the plan of m.T; `values_t` from `pack_transposed`
+        (packed here when not given)."""
         k = self.shape[1]
+        if self.kernel != "bitmask" and values_t is None:
+            values_t = self._pack_t(weight)
         if self.kernel == "panels":
-            return ops.spmm_panels(grad_out, self._pack_t(weight), *self.index_t, self.size_t, k,
-                                   backend=self.backend)
+            return ops.spmm_panels(grad_out, values_t, *self.index_t, self.size_t, k, backend=self.backend)
         if self.kernel == "blocks":
-            return ops.spmm_blocks(grad_out, self._pack_t(weight), *self.index_t, k, backend=self.backend)
+            return ops.spmm_blocks(grad_out, values_t, *self.index_t, k, backend=self.backend)
         return ops.masked_mm(grad_out, weight.T, self.words_t, *self.index_t, self.size_t, backend=self.backend)
 
     def grad_weight_masked(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
