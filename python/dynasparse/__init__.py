@@ -12,6 +12,9 @@ except ImportError as error:
 
 from . import ops  # noqa: E402  (needs the ops registered by _C)
 from .dispatch import backends, format_backends, usable_backends  # noqa: E402
+from .layout import MaskPlan  # noqa: E402
+from .nn import densify, load, save, sparsify  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["backends", "format_backends", "ops", "usable_backends", "__version__"]
+__all__ = ["MaskPlan", "backends", "densify", "format_backends", "load", "ops", "save", "sparsify", "usable_backends",
+           "__version__"]
