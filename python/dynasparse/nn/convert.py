@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .modules import SPARSE_MODULES, SparseConv2d, SparseLinear, check_grad_mode, check_sparsity, parse_layout
+from .modules import (SPARSE_MODULES, SparseConv2d, SparseLinear, SparseTransposedLinear, check_grad_mode,
+                      check_sparsity, parse_layout)
 
 Selector = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
 
@@ -44,6 +45,14 @@ def _matches(selector: Selector, name: str, module: nn.Module, default: bool) ->
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def _is_transposed_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2): y = x @ weight + bias with weight [in, out]; recognised by
+    # shape and name so that transformers need not be installed.
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -61,18 +70,28 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
         raise ValueError("dynasparse.sparsify: pass the model that contains the layer (the layer itself cannot be "
                          "replaced in place); for one layer use SparseLinear.from_dense / SparseConv2d.from_dense")
     report = SparsifyReport()
+    uses = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
     for name, module in list(model.named_modules()):
         if not name or isinstance(module, SPARSE_MODULES):
             continue
         if not _matches(include, name, module, True) or _matches(exclude, name, module, False):
             continue
         kind = type(module)
-        if kind not in (nn.Linear, nn.Conv2d):
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and not any(True for _ in module.children()):
+        weight = getattr(module, "weight", None)
+        if _is_transposed_linear(module):
+            kind = SparseTransposedLinear
+        elif kind not in (nn.Linear, nn.Conv2d):
+            # Weight matrices of other layer types; norms' 1-D scales are not candidates.
+            if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
                 report.skipped[name] = f"{kind.__name__} is not supported (only nn.Linear and nn.Conv2d)"
             continue
-        sparse_cls = SparseLinear if kind is nn.Linear else SparseConv2d
+        if uses.get(id(weight), 0) > 1:
+            report.skipped[name] = ("its weight is shared with another module (tied weights); a sparse copy would "
+                                    "untie them")
+            continue
+        sparse_cls = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}.get(kind, kind)
         try:
             new = sparse_cls.from_dense(module, sparsity=sparsity, layout=layout, grad_mode=grad_mode)
         except ValueError as error:
@@ -88,10 +107,17 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
 
 def densify(model: nn.Module) -> list[str]:
     """Replace every SparseLinear / SparseConv2d by the dense layer holding `w * mask`;
-    returns the names replaced."""
+    returns the names replaced. (A SparseTransposedLinear keeps its class, since the dense
+    original's class is not ours to build: its weight is set to `w * mask` and its mask to
+    all ones.)"""
     replaced = []
     for name, module in list(model.named_modules()):
-        if name and isinstance(module, SPARSE_MODULES):
+        if name and isinstance(module, SparseTransposedLinear):
+            with torch.no_grad():
+                module.weight.copy_(module.to_dense_weight())
+            module.set_mask(torch.ones_like(module.mask))
+            replaced.append(name)
+        elif name and isinstance(module, SPARSE_MODULES):
             dense = module.to_dense()
             dense.train(module.training)
             _replace(model, name, dense)

@@ -69,7 +69,7 @@ class _SparseMixin:
         self.layout, self.grad_mode = layout, grad_mode
         self._layout_kind, self._block = parse_layout(layout)
         self._check_layout_fits()
-        self.register_buffer("mask", magnitude_mask(self._weight_2d(), sparsity, layout).reshape(self.weight.shape))
+        self.register_buffer("mask", self._from_2d(magnitude_mask(self._weight_2d(), sparsity, layout)))
         self._rebuild_plan()
 
     def _check_layout_fits(self) -> None:
@@ -113,7 +113,13 @@ class _SparseMixin:
 
     def _rebuild_plan(self) -> None:
         # A view of the buffer: it shares the buffer's version counter.
-        self._plan = MaskPlan(self.mask.reshape(self._weight_2d().shape), self._layout_kind, block=self._block)
+        self._plan = MaskPlan(self._mask_2d(), self._layout_kind, block=self._block)
+
+    def _mask_2d(self) -> torch.Tensor:
+        return self.mask.reshape(self._weight_2d().shape)
+
+    def _from_2d(self, mask_2d: torch.Tensor) -> torch.Tensor:
+        return mask_2d.reshape(self.weight.shape)
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
@@ -281,4 +287,55 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
-SPARSE_MODULES = (SparseLinear, SparseConv2d)
+class SparseTransposedLinear(_SparseMixin, nn.Module):
+    """A linear layer whose weight is stored [in_features, out_features] (y = x @ W + b), as
+    transformers' GPT-2 `Conv1D`: its sparse version, with the same `weight`/`bias` state_dict
+    layout, so checkpoints of the original load. The mask has the weight's shape; kernels run
+    on the transposed views."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 sparsity: float = 0.0, layout: str = "unstructured", grad_mode: str = "feedback"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+        self._init_sparse(sparsity, layout, grad_mode)
+
+    def _weight_2d(self) -> torch.Tensor:
+        return self.weight.T
+
+    def _mask_2d(self) -> torch.Tensor:
+        return self.mask.T
+
+    def _from_2d(self, mask_2d: torch.Tensor) -> torch.Tensor:
+        return mask_2d.T.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sparse_linear(x, self.weight.T, self.bias)
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, *, sparsity: float = 0.0, layout: str = "unstructured",
+                   grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseTransposedLinear:
+        """From any module with weight [in, out] and bias [out] computing x @ weight + bias."""
+        in_features, out_features = module.weight.shape
+        sparse = cls(in_features, out_features, getattr(module, "bias", None) is not None,
+                     device=module.weight.device, dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
+        with torch.no_grad():
+            sparse.weight.copy_(module.weight)
+            if sparse.bias is not None:
+                sparse.bias.copy_(module.bias)
+        check_sparsity(sparsity)
+        sparse.set_mask(mask if mask is not None else sparse._from_2d(
+            magnitude_mask(sparse._weight_2d(), sparsity, layout)))
+        return sparse
+
+    def to_dense_weight(self) -> torch.Tensor:
+        return torch.where(self.mask, self.weight, 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight stored [in, out], {self._sparse_repr()}")
+
+
+SPARSE_MODULES = (SparseLinear, SparseConv2d, SparseTransposedLinear)
