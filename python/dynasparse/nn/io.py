@@ -78,7 +78,7 @@ def load(model: nn.Module | None, path: str | os.PathLike, *, map_location=None)
     load into it and return it; with None, return the decompressed state_dict."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise _corrupt(path, f"{type(error).__name__}: {error}") from error
     state = decompress_state_dict(payload, path)
     if model is None:

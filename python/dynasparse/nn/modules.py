@@ -54,7 +54,7 @@ def magnitude_mask(weight_2d: torch.Tensor, sparsity: float, layout: str) -> tor
         block_scores = ops.block_scores(scores, (block, block))
         keep = round(block_scores.numel() * (1.0 - sparsity))
         kept_blocks, _ = ops.topk_mask(block_scores, keep)
-        return ops.expand_block_mask(kept_blocks, (block, block), scores.shape)
+        return ops.expand_block_mask(kept_blocks, block)
     keep, _ = ops.topk_mask(scores, round(scores.numel() * (1.0 - sparsity)))
     return keep
 

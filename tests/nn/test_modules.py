@@ -1,0 +1,272 @@
+"""SparseLinear, SparseConv2d, sparsify/densify and compressed checkpoints, against the dense
+torch modules computing with w * m in float64."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynasparse
+import dynasparse.optim
+from dynasparse.nn import SparseConv2d, SparseLinear, sparse_masks
+from dynasparse.nn.modules import SparseTransposedLinear
+
+
+def seeded(seed):
+    torch.manual_seed(seed)
+
+
+def masked_weight(module):
+    return torch.where(module.mask, module.weight, 0)
+
+
+@pytest.mark.parametrize("layout", ["unstructured", "2:4", "block16", "block32"])
+@pytest.mark.parametrize("grad_mode", ["feedback", "masked"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_sparse_linear_matches_dense_float64(layout, grad_mode, sparsity):
+    seeded(1)
+    layer = SparseLinear(64, 96, sparsity=sparsity, layout=layout, grad_mode=grad_mode).double()
+    if layout != "2:4":  # exact up to rounding the kept count to whole weights or blocks
+        block = int(layout[len("block"):]) if layout.startswith("block") else 1
+        assert abs(layer.sparsity - sparsity) <= 0.5 * block * block / layer.weight.numel() + 1e-12
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), grad_out)
+
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, torch.where(layer.mask, w, 0), b)
+    gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, (x_ref, w, b), grad_out)
+    if grad_mode == "feedback":
+        gw_ref = grad_out.reshape(-1, 96).T @ x.detach().reshape(-1, 64)
+    for ours, expected in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(ours, expected)
+    if grad_mode == "masked":
+        assert (gw[~layer.mask] == 0).all()
+
+
+@pytest.mark.parametrize("config", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=1, stride=2),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    dict(kernel_size=3, padding="same"), dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, padding=1, groups=2), dict(kernel_size=3, padding=1, groups=8, bias=False),
+], ids=str)
+@pytest.mark.parametrize("grad_mode", ["feedback", "masked"])
+def test_sparse_conv2d_matches_dense_float64(config, grad_mode):
+    seeded(2)
+    layer = SparseConv2d(8, 16, sparsity=0.7, grad_mode=grad_mode, **config).double()
+    dense = nn.Conv2d(8, 16, **config).double()
+    x = torch.randn(2, 8, 11, 9, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    params = (x, layer.weight) + ((layer.bias,) if layer.bias is not None else ())
+    grads = torch.autograd.grad(y, params, grad_out)
+
+    w = layer.weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = dense._conv_forward(x_ref, torch.where(layer.mask, w, 0), layer.bias)
+    gx_ref, gw_masked = torch.autograd.grad(y_ref, (x_ref, w), grad_out)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(grads[0], gx_ref)
+    if grad_mode == "masked":
+        torch.testing.assert_close(grads[1], gw_masked)
+    else:  # DPF: the gradient at w * m for every weight, the dense conv's weight gradient
+        w_dense = torch.where(layer.mask, w, 0).detach().requires_grad_()
+        (gw_dense,) = torch.autograd.grad(dense._conv_forward(x.detach(), w_dense, layer.bias), (w_dense,), grad_out)
+        if layer.groups == 1:
+            torch.testing.assert_close(grads[1], gw_dense)
+
+
+def test_unbatched_conv_input():
+    seeded(3)
+    layer = SparseConv2d(3, 4, 3, sparsity=0.5)
+    x = torch.randn(3, 7, 7)
+    torch.testing.assert_close(layer(x), F.conv2d(x, masked_weight(layer), layer.bias))
+
+
+def test_state_dict_matches_dense_module_and_dense_checkpoints_load():
+    seeded(4)
+    dense = nn.Linear(10, 6)
+    layer = SparseLinear(10, 6, sparsity=0.5)
+    assert set(layer.state_dict()) == {"weight", "bias", "mask"}
+    mask_before = layer.mask.clone()
+    layer.load_state_dict(dense.state_dict())  # no mask in a dense checkpoint: keep ours
+    assert torch.equal(layer.weight, dense.weight) and torch.equal(layer.mask, mask_before)
+    other = SparseLinear(10, 6, sparsity=0.8)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.mask, layer.mask)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(other(x), F.linear(x, masked_weight(layer), layer.bias))
+
+
+def test_set_mask_rebuilds_the_plan_and_in_place_edits_are_noticed():
+    seeded(5)
+    layer = SparseLinear(12, 8, sparsity=0.5)
+    x = torch.randn(3, 12)
+    mask_buffer = layer.mask
+    new_mask = torch.rand(8, 12) < 0.3
+    layer.set_mask(new_mask)
+    assert layer.mask is mask_buffer  # optimizers holding the buffer see the change
+    torch.testing.assert_close(layer(x), F.linear(x, torch.where(new_mask, layer.weight, 0), layer.bias))
+    with torch.no_grad():
+        layer.mask[0] = True
+    torch.testing.assert_close(layer(x), F.linear(x, masked_weight(layer), layer.bias))
+
+
+@pytest.mark.parametrize("make,match,error", [
+    (lambda: SparseLinear(8, 8, sparsity=1.0), "sparsity must be in", ValueError),
+    (lambda: SparseLinear(8, 8, sparsity=-0.1), "sparsity must be in", ValueError),
+    (lambda: SparseLinear(8, 8, layout="block24"), "unknown layout", ValueError),
+    (lambda: SparseLinear(8, 8, layout="diagonal"), "unknown layout", ValueError),
+    (lambda: SparseLinear(40, 8, layout="block16"), "multiples of 16", ValueError),
+    (lambda: SparseLinear(6, 8, layout="2:4"), "divisible by 4", ValueError),
+    (lambda: SparseLinear(8, 8, grad_mode="dense"), "unknown grad_mode", ValueError),
+    (lambda: SparseConv2d(8, 8, 3, groups=2, layout="block16"), "grouped", ValueError),
+    (lambda: SparseLinear(8, 8).set_mask(torch.ones(8, 8)), "torch.bool", TypeError),
+    (lambda: SparseLinear(8, 8).set_mask(torch.ones(8, 9, dtype=torch.bool)), "shape", ValueError),
+])
+def test_bad_construction_is_a_clear_error(make, match, error):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_from_dense_to_dense_round_trip_and_repr():
+    seeded(6)
+    dense = nn.Conv2d(4, 8, 3, padding=1, bias=False).double()
+    sparse = SparseConv2d.from_dense(dense, sparsity=0.75)
+    assert sparse.weight.dtype == torch.float64 and sparse.bias is None
+    assert abs(sparse.sparsity - 0.75) < 1e-9 and abs(sparse.density - 0.25) < 1e-9
+    kept = sparse.weight.abs()[sparse.mask]
+    assert kept.min() >= sparse.weight.abs()[~sparse.mask].max()  # magnitude mask
+    back = sparse.to_dense()
+    assert type(back) is nn.Conv2d and torch.equal(back.weight, masked_weight(sparse))
+    assert "sparsity=0.750" in repr(sparse) and "grad_mode=feedback" in repr(sparse)
+
+
+def test_sparsify_and_densify_a_cnn_and_an_mlp():
+    seeded(7)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 10), nn.Conv1d(2, 2, 1))
+    x = torch.randn(2, 3, 6, 6)
+    report = dynasparse.sparsify(model, 0.8, exclude=["0"])
+    assert report.converted == ["2", "4", "6"]
+    assert "7" in report.skipped and "Conv1d" in report.skipped["7"]
+    assert type(model[0]) is nn.Conv2d and isinstance(model[4], SparseLinear)
+    y_sparse = model[:7](x)
+    assert dynasparse.densify(model) == ["2", "4", "6"]
+    assert type(model[4]) is nn.Linear
+    torch.testing.assert_close(model[:7](x), y_sparse)
+    with pytest.raises(ValueError, match="could not convert"):
+        dynasparse.sparsify(model, 0.5, strict=True)
+    with pytest.raises(ValueError, match="the layer itself"):
+        dynasparse.sparsify(nn.Linear(3, 3))
+
+
+def test_sparse_masks_drive_the_fused_optimizer():
+    seeded(8)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    dynasparse.sparsify(model, 0.75, grad_mode="masked")
+    optimizer = dynasparse.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2,
+                                     masks=sparse_masks(model))
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(torch.randn(8, 16)).square().mean().backward()
+        optimizer.step()
+    for layer in (model[0], model[2]):
+        assert (layer.weight[~layer.mask] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_sparsify_transformers_models_built_from_a_config(family):
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        seeded(9)
+        if family == "bert":
+            return transformers.BertModel(transformers.BertConfig(
+                num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50)).eval()
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_head=2, n_embd=32, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
+
+    ids = torch.randint(0, 50, (2, 7))
+
+    def output(model):
+        out = model(ids)
+        # BERT's pooler reads only the first token: add it so that every layer gets a gradient.
+        return out.last_hidden_state + out.pooler_output[:, None] if family == "bert" else out.logits
+
+    model = build()
+    before = output(model)
+    report = dynasparse.sparsify(model, 0.0)
+    torch.testing.assert_close(output(model), before)  # sparsity 0: the same function
+    if family == "gpt2":
+        assert all(isinstance(model.get_submodule(name), SparseTransposedLinear) for name in report.converted)
+        assert "lm_head" in report.skipped and "tied" in report.skipped["lm_head"]
+    assert len(report.converted) == (2 * 6 + 1 if family == "bert" else 2 * 4)
+    model = build()
+    dynasparse.sparsify(model, 0.9)
+    output(model).sum().backward()
+    for name in report.converted:
+        layer = model.get_submodule(name)
+        assert abs(layer.sparsity - 0.9) < 0.01 and layer.weight.grad is not None
+
+
+def test_compressed_checkpoint_is_small_exact_and_safe(tmp_path):
+    seeded(10)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    dynasparse.sparsify(model, 0.9)
+    path, plain = tmp_path / "model.dsp", tmp_path / "model.pt"
+    dynasparse.save(model, path)
+    torch.save(model.state_dict(), plain)
+    assert os.path.getsize(path) <= 0.2 * os.path.getsize(plain)
+
+    fresh = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    dynasparse.sparsify(fresh, 0.5)
+    dynasparse.load(fresh, path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        expected = torch.where(model.state_dict()[name.replace("weight", "mask")], a, 0) if name.endswith("weight") \
+            else a
+        assert torch.equal(b, expected), name
+    state = dynasparse.load(None, path)
+    assert set(state) == set(model.state_dict())
+
+    data = path.read_bytes()
+    (tmp_path / "truncated.dsp").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        dynasparse.load(None, tmp_path / "truncated.dsp")
+    torch.save({"format": "something else"}, tmp_path / "other.dsp")
+    with pytest.raises(ValueError, match="expected format"):
+        dynasparse.load(None, tmp_path / "other.dsp")
+
+
+def test_autocast_bfloat16_on_cpu():
+    seeded(11)
+    layer = SparseLinear(32, 16, sparsity=0.5)
+    x = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    expected = F.linear(x.detach().bfloat16(), masked_weight(layer).bfloat16(), layer.bias.bfloat16())
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_model_matches_eager_without_graph_breaks():
+    seeded(12)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 8))
+    dynasparse.sparsify(model, 0.8, grad_mode="masked")
+    x = torch.randn(5, 24)
+    eager = model(x).square().sum()
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled_model = torch.compile(model, fullgraph=True)
+    out = compiled_model(x).square().sum()
+    grads = torch.autograd.grad(out, list(model.parameters()))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
