@@ -12,10 +12,11 @@ tile is masked in registers: the tile's words are loaded once per row and expand
 Output tiles are TILE x TILE in w's coordinates (TILE = tile = BLOCK_N = BLOCK_K, 64 by
 default; 32, 64 and 128 are supported):
 - masked_mm: one program per (BLOCK_M batch rows, tile row of w), looping over that tile
-  row's plan entries only, so empty tiles cost nothing; programs are ordered in groups of
-  GROUP_M row blocks so that consecutive programs share w tiles and x rows in L2.
-- masked_sddmm: one program per output tile; a tile the plan does not list is written as
-  zeros without reading an operand, a listed one reduces over every batch row.
+  row's plan entries only, so empty tiles cost nothing.
+- masked_sddmm: one program per output tile; a tile the plan does not list (found by binary
+  search of its tile row's entries) is written as zeros without reading an operand, a listed
+  one reduces over every batch row.
+Both walk their grid in bands of GROUP rows for L2 reuse.
 Accumulation is fp32 (fp64 for fp64 operands). fp32 operands use TF32 exactly when torch
 would for its own matmul (torch.backends.cuda.matmul.allow_tf32).
 
@@ -36,7 +37,9 @@ DEFAULT_TILE = 64
 # Batch rows per masked_mm program and per masked_sddmm reduction step: 128 x TILE output
 # tiles keep the tensor cores fed at tile 64 and below.
 BLOCK_M = 128
-GROUP_M = 8
+# Program ordering (see _grouped_program): bands of 8 row blocks (masked_mm) or 8 tile rows
+# (masked_sddmm), so that a wave of programs reads about as much x as w (grad_out) from memory.
+GROUP = 8
 MAX_STAGES = 3
 # Shared memory the pipelined operand tiles may take: below the 163 KiB an sm_80 block can have
 # (sm_90: 227 KiB), leaving room for the epilogue's layout conversion.
@@ -83,6 +86,18 @@ def _tile_keep(words_ptr, rows, row_ok, words_per_row, tile_col, TILE: tl.conste
 
 
 @triton.jit
+def _grouped_program(rows, cols, GROUP: tl.constexpr):
+    """(row, column) of this program in a rows x cols grid, walked in bands of GROUP rows,
+    column by column: programs running together share GROUP rows' and a few columns' operands
+    in L2 instead of one row's and every column's."""
+    pid = tl.program_id(0)
+    programs_per_band = GROUP * cols
+    first_row = (pid // programs_per_band) * GROUP
+    band_rows = tl.minimum(rows - first_row, GROUP)
+    return first_row + (pid % programs_per_band) % band_rows, (pid % programs_per_band) // band_rows
+
+
+@triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, ACC_DTYPE: tl.constexpr):
     if UPCAST_BF16:
         # Only under TRITON_INTERPRET=1, whose tl.dot returns garbage for bf16 operands.
@@ -94,16 +109,9 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, ACC_DTYP
 @triton.jit
 def _masked_mm_kernel(x_ptr, w_ptr, words_ptr, tile_ptr, tile_cols_ptr, bias_ptr, y_ptr,
                       M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, words_per_row,
-                      BLOCK_M: tl.constexpr, TILE: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    pid = tl.program_id(0)
-    row_blocks = tl.cdiv(M, BLOCK_M)
-    tile_rows = tl.cdiv(N, TILE)
-    programs_per_group = GROUP_M * tile_rows
-    first_row_block = (pid // programs_per_group) * GROUP_M
-    group_rows = tl.minimum(row_blocks - first_row_block, GROUP_M)
-    row_block = first_row_block + (pid % programs_per_group) % group_rows
-    tile_row = (pid % programs_per_group) // group_rows
+    row_block, tile_row = _grouped_program(tl.cdiv(M, BLOCK_M), tl.cdiv(N, TILE), GROUP)
 
     # int64 indices throughout: rows * stride and features * words_per_row pass 2**31 on big operands.
     rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,11 +143,10 @@ def _masked_mm_kernel(x_ptr, w_ptr, words_ptr, tile_ptr, tile_cols_ptr, bias_ptr
 @triton.jit
 def _masked_sddmm_kernel(grad_ptr, x_ptr, words_ptr, tile_ptr, tile_cols_ptr, out_ptr,
                          M, N, K, stride_gm, stride_gn, stride_xm, stride_xk, words_per_row,
-                         BLOCK_M: tl.constexpr, TILE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr,
                          PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    tile_cols_count = tl.cdiv(K, TILE)
-    tile_row = tl.program_id(0) // tile_cols_count
-    tile_col = (tl.program_id(0) % tile_cols_count).to(tl.int64)
+    tile_row, tile_col = _grouped_program(tl.cdiv(N, TILE), tl.cdiv(K, TILE), GROUP)
+    tile_col = tile_col.to(tl.int64)
     features = tile_row.to(tl.int64) * TILE + tl.arange(0, TILE)
     columns = tile_col * TILE + tl.arange(0, TILE)
     feature_ok = features < N
@@ -154,22 +161,21 @@ def _masked_sddmm_kernel(grad_ptr, x_ptr, words_ptr, tile_ptr, tile_cols_ptr, ou
         before = tl.load(tile_cols_ptr + middle) < tile_col
         low = tl.where(before, middle + 1, low)
         high = tl.where(before, high, middle)
-    listed = low < end
-    if listed:
-        listed = tl.load(tile_cols_ptr + low, mask=low < end, other=-1) == tile_col
+    listed = tl.load(tile_cols_ptr + low, mask=low < end, other=-1) == tile_col
 
     acc = tl.zeros([TILE, TILE], dtype=ACC_DTYPE)
     if listed:
-        grad_columns = grad_ptr + features[None, :] * stride_gn
+        grad_columns = grad_ptr + features[:, None] * stride_gn
         x_columns = x_ptr + columns[None, :] * stride_xk
         for start in range(0, M, BLOCK_M):
             # int64 rows: start is as wide as M, and rows * stride passes 2**31 on big batches.
             batch = start + tl.arange(0, BLOCK_M).to(tl.int64)
             batch_ok = batch < M
-            grad = tl.load(grad_columns + batch[:, None] * stride_gm, mask=batch_ok[:, None] & feature_ok[None, :],
-                           other=0.0)
+            # Loaded as grad_out.T tiles [TILE, BLOCK_M]: the dot's first operand as it is used.
+            grad_t = tl.load(grad_columns + batch[None, :] * stride_gm, mask=feature_ok[:, None] & batch_ok[None, :],
+                             other=0.0)
             x = tl.load(x_columns + batch[:, None] * stride_xm, mask=batch_ok[:, None] & column_ok[None, :], other=0.0)
-            acc = _dot(tl.trans(grad), x, acc, PRECISION, UPCAST_BF16, ACC_DTYPE)
+            acc = _dot(grad_t, x, acc, PRECISION, UPCAST_BF16, ACC_DTYPE)
         acc = tl.where(_tile_keep(words_ptr, features, feature_ok, words_per_row, tile_col, TILE), acc, 0.0)
     tl.store(out_ptr + features[:, None] * K + columns[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=feature_ok[:, None] & column_ok[None, :])
@@ -211,7 +217,7 @@ def masked_mm(x, weight, mask_words, tile_ptr, tile_cols, tile: int, bias=None) 
         _masked_mm_kernel[grid](
             x2d, weight, words, tile_ptr, tile_cols, y if bias is None else bias.contiguous(), y,
             m, n, k, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), words.shape[1],
-            BLOCK_M=BLOCK_M, TILE=tile, GROUP_M=GROUP_M, HAS_BIAS=bias is not None,
+            BLOCK_M=BLOCK_M, TILE=tile, GROUP=GROUP, HAS_BIAS=bias is not None,
             **_dot_options(x.dtype, _masked_mm_kernel), **_mm_options(x.dtype, tile))
     return y.reshape(*x.shape[:-1], n)
 
@@ -230,7 +236,7 @@ def masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile: int) -> tor
         _masked_sddmm_kernel[grid](
             grad2d, x2d, words, tile_ptr, tile_cols, out,
             x2d.shape[0], n, k, grad2d.stride(0), grad2d.stride(1), x2d.stride(0), x2d.stride(1), words.shape[1],
-            BLOCK_M=BLOCK_M, TILE=tile, **_dot_options(x.dtype, _masked_sddmm_kernel),
+            BLOCK_M=BLOCK_M, TILE=tile, GROUP=GROUP, **_dot_options(x.dtype, _masked_sddmm_kernel),
             **_sddmm_options(x.dtype, tile))
     return out
 
@@ -266,7 +272,7 @@ def _specs() -> list[dict]:
             _masked_mm_kernel,
             {"x_ptr": operand, "w_ptr": operand, "bias_ptr": operand, "y_ptr": operand},
             ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "words_per_row"],
-            {"BLOCK_M": BLOCK_M, "TILE": tile, "GROUP_M": GROUP_M, "HAS_BIAS": has_bias, **dot,
+            {"BLOCK_M": BLOCK_M, "TILE": tile, "GROUP": GROUP, "HAS_BIAS": has_bias, **dot,
              **{stride: 1 for stride in unit_strides}},
             _mm_options(dtype, tile)))
         if (dtype, tile) in sddmm_configs:
@@ -276,7 +282,7 @@ def _specs() -> list[dict]:
             _masked_sddmm_kernel,
             {"grad_ptr": operand, "x_ptr": operand, "out_ptr": operand},
             ["M", "N", "K", "stride_gm", "stride_gn", "stride_xm", "stride_xk", "words_per_row"],
-            {"BLOCK_M": BLOCK_M, "TILE": tile, **dot, "stride_gn": 1, "stride_xk": 1},
+            {"BLOCK_M": BLOCK_M, "TILE": tile, "GROUP": GROUP, **dot, "stride_gn": 1, "stride_xk": 1},
             _sddmm_options(dtype, tile)))
     return specs
 

@@ -104,6 +104,22 @@ def test_every_tile_and_odd_shapes(n, k, tile, poisoned_empty):
                           grad_out, x)
 
 
+def test_grids_of_several_program_bands(poisoned_empty):
+    """More row blocks (masked_mm) and tile rows (masked_sddmm) than one band of GROUP holds,
+    the last band partial: every output tile is still visited exactly once."""
+    tile = 32
+    rows = kernels.GROUP * kernels.BLOCK_M + 77
+    mask = random_mask(N, K, 0.5, seed=55)
+    weight, x = randn(N, K, dtype=torch.float32, seed=56), randn(rows, K, dtype=torch.float32, seed=57)
+    assert_close_as_torch(run_masked_mm(x, weight, mask, None, tile), lambda x, w: masked_linear(x, w, mask, None),
+                          x, weight)
+    n = kernels.GROUP * tile + 45
+    mask = random_mask(n, K, 0.5, seed=58)
+    grad_out, x = randn(5, n, dtype=torch.float32, seed=59), randn(5, K, dtype=torch.float32, seed=60)
+    assert_close_as_torch(run_masked_sddmm(grad_out, x, mask, tile), lambda g, x: masked_weight_grad(g, x, mask),
+                          grad_out, x)
+
+
 @pytest.mark.parametrize("leading", [(), (0,), (1,), (2, 3), (3, 0, 2)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_masked_mm_leading_dims(leading, with_bias, poisoned_empty):
