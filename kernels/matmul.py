@@ -18,7 +18,9 @@ default; 32, 64 and 128 are supported):
   one reduces over every batch row.
 Both walk their grid in bands of GROUP rows for L2 reuse.
 Accumulation is fp32 (fp64 for fp64 operands). fp32 operands use TF32 exactly when torch
-would for its own matmul (torch.backends.cuda.matmul.allow_tf32).
+would for its own matmul (torch.backends.cuda.matmul.allow_tf32). Under TRITON_INTERPRET=1,
+bf16 is computed as on a GPU through two detours: operands upcast before tl.dot, fp32 results
+rounded by torch (see _dot, _empty_output).
 
 The launchers run the checks every backend runs (dynasparse.checks) before any launch.
 """
@@ -187,14 +189,24 @@ def _check_tile(op: str, tile: int) -> None:
                          f"the kernels' BLOCK_N = BLOCK_K), got {tile}; plan the mask with block {DEFAULT_TILE}")
 
 
-def _dot_options(dtype: torch.dtype, kernel) -> dict:
+def _interpreted_bf16(dtype: torch.dtype) -> bool:
+    # Kernels are interpreted or compiled as a whole module, fixed at import.
+    return dtype == torch.bfloat16 and isinstance(_masked_mm_kernel, InterpretedFunction)
+
+
+def _dot_options(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     else:
         # Ignored for 16-bit operands; fp64 has no reduced-precision mode.
         precision = "ieee" if dtype == torch.float64 else "tf32"
-    return {"PRECISION": precision, "ACC_DTYPE": _ACCUMULATOR[dtype],
-            "UPCAST_BF16": dtype == torch.bfloat16 and isinstance(kernel, InterpretedFunction)}
+    return {"PRECISION": precision, "ACC_DTYPE": _ACCUMULATOR[dtype], "UPCAST_BF16": _interpreted_bf16(dtype)}
+
+
+def _empty_output(shape, like: torch.Tensor) -> torch.Tensor:
+    """The kernels' output buffer. The interpreter converts fp32 to bf16 by truncation (a GPU
+    rounds to nearest), so interpreted bf16 kernels write fp32 that torch then rounds."""
+    return torch.empty(shape, dtype=torch.float32 if _interpreted_bf16(like.dtype) else like.dtype, device=like.device)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -210,16 +222,16 @@ def masked_mm(x, weight, mask_words, tile_ptr, tile_cols, tile: int, bias=None) 
     n, k = weight.shape
     x2d = _rows(x)
     m = x2d.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = _empty_output((m, n), x)
     if m and n:
         words = mask_words.contiguous()
         grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, tile),)
         _masked_mm_kernel[grid](
-            x2d, weight, words, tile_ptr, tile_cols, y if bias is None else bias.contiguous(), y,
+            x2d, weight, words, tile_ptr, tile_cols, x2d if bias is None else bias.contiguous(), y,
             m, n, k, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), words.shape[1],
             BLOCK_M=BLOCK_M, TILE=tile, GROUP=GROUP, HAS_BIAS=bias is not None,
-            **_dot_options(x.dtype, _masked_mm_kernel), **_mm_options(x.dtype, tile))
-    return y.reshape(*x.shape[:-1], n)
+            **_dot_options(x.dtype), **_mm_options(x.dtype, tile))
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile: int) -> torch.Tensor:
@@ -229,16 +241,16 @@ def masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile: int) -> tor
     _check_tile("masked_sddmm", tile)
     n, k = grad_out.shape[-1], x.shape[-1]
     grad2d, x2d = _rows(grad_out), _rows(x)
-    out = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    out = _empty_output((n, k), x)
     if n and k:
         words = mask_words.contiguous()
         grid = (triton.cdiv(n, tile) * triton.cdiv(k, tile),)
         _masked_sddmm_kernel[grid](
             grad2d, x2d, words, tile_ptr, tile_cols, out,
             x2d.shape[0], n, k, grad2d.stride(0), grad2d.stride(1), x2d.stride(0), x2d.stride(1), words.shape[1],
-            BLOCK_M=BLOCK_M, TILE=tile, GROUP=GROUP, **_dot_options(x.dtype, _masked_sddmm_kernel),
+            BLOCK_M=BLOCK_M, TILE=tile, GROUP=GROUP, **_dot_options(x.dtype),
             **_sddmm_options(x.dtype, tile))
-    return out
+    return out.to(x.dtype)
 
 
 def _spec(kernel, operand_types: dict[str, str], integers: list[str], constexprs: dict, options: dict) -> dict:
