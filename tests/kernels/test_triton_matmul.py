@@ -364,12 +364,13 @@ def test_kernels_run_on_the_current_stream():
     with torch.cuda.stream(side):
         big = torch.randn(4096, 4096, device="cuda", generator=generator_cuda)
         for _ in range(8):
-            big = big @ big.T / 64
+            big = torch.tanh(big @ big.T / 64)  # bounded, so x stays finite
         x = big[:512, :1024].contiguous()
         y = run_masked_mm(x, weight, mask)
         grad_weight = run_masked_sddmm(y, x, mask)
         expected_y = masked_linear(x, weight, mask, None)
         expected_grad = masked_weight_grad(y, x, mask)
     side.synchronize()
-    torch.testing.assert_close(y, expected_y)
-    torch.testing.assert_close(grad_weight, expected_grad)
+    # Loose: only finished inputs versus unfinished ones (garbage) is at stake here.
+    torch.testing.assert_close(y, expected_y, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad_weight, expected_grad, rtol=1e-3, atol=1e-3)
