@@ -9,8 +9,11 @@ block `tile`, which lists per tile row the tile columns holding any active eleme
 tile is masked in registers: the tile's words are loaded once per row and expanded by
 `(word >> bit) & 1`, so w * m never exists in memory and a pruned inf or nan contributes nothing.
 
-Output tiles are TILE x TILE in w's coordinates (TILE = tile = BLOCK_N = BLOCK_K, 64 by
-default; 32, 64 and 128 are supported):
+w and the weight gradient are walked in TILE x TILE tiles (TILE = tile = BLOCK_N = BLOCK_K; 32, 64 and
+128 are supported). 64 is the default: it skips the blocks of a 64 x 64 block layout. An
+unstructured mask leaves hardly any 64 x 64 tile empty, and 128 loads fewer bytes per
+multiply-add there (a 128 x 128 output tile instead of 128 x 64); which is faster on a GPU
+has not been measured.
 - masked_mm: one program per (BLOCK_M batch rows, tile row of w), looping over that tile
   row's plan entries only, so empty tiles cost nothing.
 - masked_sddmm: one program per output tile; a tile the plan does not list (found by binary
