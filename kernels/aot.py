@@ -5,7 +5,12 @@ Each kernel module lists its kernels and launch configs in a module-level `AOT_S
     {"kernel": <@triton.jit function>,
      "signature": {runtime arg name: Triton type, e.g. "*i32", "*u8", "i64", "fp32"},
      "constexprs": {constexpr arg name: value},
-     "options": {compile options, e.g. "num_warps": 4}}        # "constexprs", "options" optional
+     "options": {compile options, e.g. "num_warps": 4},
+     "divisible_by_16": [runtime arg names]}   # "constexprs", "options", "divisible_by_16" optional
+
+"divisible_by_16" names the pointers (16-byte aligned) and integers (multiples of 16) that Triton
+marks as such when it specializes a launch; without it a spec compiles the variant for
+unaligned arguments, whose loads may not vectorize or pipeline like the launched ones.
 
 This module compiles every spec to a cubin for sm_80 and sm_90 with Triton's bundled ptxas,
 which catches kernels that run under TRITON_INTERPRET=1 but do not compile for a real GPU.
@@ -150,7 +155,8 @@ def compile_spec(spec: dict, arch: int, *, qualname: str | None = None) -> Compi
     # constexprs in the signature, and some releases read its order as the argument order.
     signature = {arg: "constexpr" if arg in constexprs else spec["signature"][arg] for arg in kernel.arg_names}
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.get("divisible_by_16", ())}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", arch, _WARP_SIZE), options=spec.get("options", {}))
     except Exception as error:
         return CompileResult(name, arch, config, False, f"{type(error).__name__}: {error}", 0)
