@@ -427,6 +427,7 @@ def _opcheck_samples():
     block_ptr, block_cols = block_plan_oracle(mask, 4)
     blocks = ops.pack_blocks(weight, mask, block_ptr, block_cols, 4, backend="reference")
     words = ops.pack_mask(mask, backend="reference")
+    tile_ptr, tile_cols = block_plan_oracle(mask, 32)  # the Triton kernels' smallest tile
     return {
         "pack_panels": (weight, row_ptr, cols, 8),
         "pack_blocks": (weight, mask, block_ptr, block_cols, 4),
@@ -436,8 +437,8 @@ def _opcheck_samples():
         "spmm_blocks": (x, blocks, block_ptr, block_cols, 9, bias),
         "sddmm_panels": (grad_out, x, row_ptr, cols, 8),
         "sddmm_blocks": (grad_out, x, mask, block_ptr, block_cols, 4),
-        "masked_mm": (x, weight, words, block_ptr, block_cols, 4, bias),
-        "masked_sddmm": (grad_out, x, words, block_ptr, block_cols, 4),
+        "masked_mm": (x, weight, words, tile_ptr, tile_cols, 32, bias),
+        "masked_sddmm": (grad_out, x, words, tile_ptr, tile_cols, 32),
         "plan_panels": (mask, 8),
         "plan_blocks": (mask, 4),
     }
