@@ -46,6 +46,14 @@ def _panel_width(kernel_device: torch.device, k: int) -> int:
     return CPU_PANEL
 
 
+def _tile(kernel: str, layout: str, block: int | None) -> int:
+    if kernel == "blocks":
+        return block
+    # The fused kernels' tiles are 32, 64 or 128: a block-16 mask is visited in 32 x 32 tiles
+    # (a tile is skipped only when all four of its blocks are empty).
+    return max(block, 32) if layout == "block" else BITMASK_TILE
+
+
 def check_layout(layout: str, block: int | None, mask: torch.Tensor) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"dynasparse: unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -90,7 +98,7 @@ class MaskPlan:
             self.index_t = ops.plan_panels(mask_t, _panel_width(mask.device, n), backend=backend)
             self.size_t = _panel_width(mask.device, n)
         else:
-            self.size = self.size_t = block if layout == "block" else BITMASK_TILE
+            self.size = self.size_t = _tile(kernel, layout, block)
             self.index = ops.plan_blocks(mask, self.size, backend=backend)
             self.index_t = ops.plan_blocks(mask_t, self.size, backend=backend)
         if kernel == "bitmask":
