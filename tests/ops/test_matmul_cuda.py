@@ -119,7 +119,7 @@ PANELS = [1, 7, 32, 100, 373, 65536]
 def test_plan_panels_matches_the_reference(shape, sparsity):
     generator = torch.Generator().manual_seed(seed_of(shape, sparsity))
     mask = random_mask(*shape, sparsity, generator)
-    for panel in PANELS + [shape[1]]:
+    for panel in PANELS + [min(shape[1], 65536)]:
         if panel == 1 and shape[0] * shape[1] > 20000:
             continue  # a segment per element: covered by the smaller shapes
         assert_plans_equal(ops.plan_panels(mask, panel, backend="cuda"), cpu_plan(mask, panel),
@@ -540,8 +540,8 @@ def test_cuda_kernels_run_on_the_current_stream():
     with torch.cuda.stream(side):
         big = torch.randn(4096, 4096, device="cuda", generator=generator)
         for _ in range(8):
-            big = big @ big.T / 64
-        mask = big[:500, :700] > 1.0
+            big = torch.tanh(big @ big.T / 64)  # slow to produce, bounded values
+        mask = big[:500, :700] > 0.5
         weight = big[1000:1500, :700].clone()
         x = big[2000:2300, :700] * 1.0
         grad_out = big[3000:3300, :500] * 1.0
