@@ -18,9 +18,10 @@
 // it with a cursor. The SpMM keeps its [rows x batch tile] accumulators in registers across
 // all chunks; the SDDMM gives each CTA one (rows, chunk) pair, loops over all batch tiles and
 // reduces each nonzero's dot product across the warp, accumulating in a buffer of the
-// accumulator type in a fixed order (deterministic, no atomics). Any panel width works; the
-// chunk is at most ~370 fp32 columns, so one wide panel (panel = min(K, 65536)) is what the
-// kernels want: narrower panels only add segments. fp32 accumulation for fp32/fp16/bf16,
+// accumulator type in a fixed order (deterministic, no atomics). Any panel width works; a
+// chunk is at most 372 columns (SpMM) or 186 (SDDMM) and never crosses a panel, so one wide
+// panel (panel = min(K, 65536)) is what the kernels want: narrower panels only add segments
+// and, below the chunk width, more chunks (each a block-wide barrier and staging pass). fp32 accumulation for fp32/fp16/bf16,
 // fp64 for fp64. All launchers are asynchronous unless stated; 0-sized work launches nothing.
 #pragma once
 
