@@ -12,7 +12,7 @@ from dynasparse.reference import matmul as reference
 from tests.helpers import poison_allocator
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# 1 and 7: many tiny panels; 128 the default; 256 wider than one 64-column mask word step.
+# 1 and 7: many tiny panels; 128 and the default 256: several 64-column mask words per panel.
 PANELS = [1, 7, 128, 256]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 
