@@ -270,3 +270,20 @@ def test_opcheck(case):
             torch.library.opcheck(overload, args)
         else:
             torch.library.opcheck(overload, args, test_utils=utils)
+
+
+def test_products_compile_fullgraph():
+    torch._dynamo.reset()
+    mask, row_ptr, cols = small_plan()
+    weight = torch.randn(6, 10)
+    values = ops.pack_panels(weight, row_ptr, cols, 4, backend="cpu")
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def layer(x, grad_out):
+        y = ops.spmm_panels(x, values, row_ptr, cols, 4, 6, backend="cpu")
+        return y, ops.sddmm_panels(grad_out, x, row_ptr, cols, 4, backend="cpu")
+
+    x, grad_out = torch.randn(5, 10), torch.randn(5, 6)
+    y, grad_values = layer(x, grad_out)
+    assert torch.equal(y, ops.spmm_panels(x, values, row_ptr, cols, 4, 6, backend="cpu"))
+    assert torch.equal(grad_values, ops.sddmm_panels(grad_out, x, row_ptr, cols, 4, backend="cpu"))
