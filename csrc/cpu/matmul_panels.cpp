@@ -1,0 +1,579 @@
+// CPU kernels of the masked matmul's panel plan (layout in csrc/ops.cpp): plan building, value
+// packing, y = x @ W.T and the masked weight gradient.
+//
+// fp32 products run AVX-512 kernels (selected at run time, so the build needs no -march flag);
+// other dtypes, and CPUs without AVX-512, run a scalar kernel accumulating in float (half
+// types) or the dtype itself. Every output element is summed in an order fixed by the plan and
+// the batch size alone, so results do not depend on the thread count.
+//
+// The batched fp32 kernels read x (and grad_out) transposed into batch-contiguous slices of
+// 16, 32 or 64 rows: slice[c][b] = x[b0 + b, c]. One panel of a slice (panel * 256 bytes at 64
+// rows) stays in L1/L2 while every row of W visits it, so each nonzero is one broadcast value
+// times up to four cached vectors, and each (panel, row) segment costs a load and a store of
+// its accumulators. Panel 256 (64 KiB of slice) is the best width measured for 80-98%
+// sparsity: 128 doubles the per-segment cost (B=1 and high sparsity suffer most), 512 and
+// wider push the slice out of L2's fast reach at moderate sparsity (2x slower at 50%).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "matmul.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DYNASPARSE_X86 1
+#include <immintrin.h>
+#endif
+
+namespace dynasparse {
+namespace {
+
+// Rows of W per parallel task: enough work per task to hide the fork, few enough to balance.
+constexpr int64_t kRowGrain = 16;
+
+bool has_avx512() {
+#if DYNASPARSE_X86
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+inline uint16_t col_offset(int16_t col) { return static_cast<uint16_t>(col); }
+
+// x (..., K) as [rows, K]: a view where the strides allow (no -1: K may be 0).
+at::Tensor as_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return x.reshape({rows, x.size(-1)});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plan building: a count pass and a fill pass over the rows, with a prefix sum between them.
+
+// Bits of up to 64 bool bytes (each 0 or 1), byte i at bit i.
+inline uint64_t byte_bits_scalar(const uint8_t* bytes, int64_t count) {
+  uint64_t bits = 0;
+  for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(bytes[i]) << i;
+  return bits;
+}
+
+#if DYNASPARSE_X86
+__attribute__((target("avx512f,avx512bw"))) inline uint64_t byte_bits_avx512(const uint8_t* bytes,
+                                                                                int64_t count) {
+  const __mmask64 lanes = count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1;
+  const __m512i loaded = _mm512_maskz_loadu_epi8(lanes, bytes);
+  return _mm512_test_epi8_mask(loaded, loaded);
+}
+#endif
+
+// Calls visit(bits, first_column) for each 64-column word of mask row [begin, end).
+template <bool kAvx512, typename Visit>
+inline void for_each_word(const uint8_t* row, int64_t begin, int64_t end, const Visit& visit) {
+  for (int64_t c = begin; c < end; c += 64) {
+    const int64_t count = std::min<int64_t>(64, end - c);
+    uint64_t bits;
+#if DYNASPARSE_X86
+    if constexpr (kAvx512) {
+      bits = byte_bits_avx512(row + c, count);
+    } else {
+      bits = byte_bits_scalar(row + c, count);
+    }
+#else
+    bits = byte_bits_scalar(row + c, count);
+#endif
+    visit(bits, c);
+  }
+}
+
+// Fills row_ptr, returns the number of nonzeros.
+template <bool kAvx512>
+int64_t count_plan(const uint8_t* mask, int64_t n, int64_t k, int64_t panel, int64_t* row_ptr) {
+  const int64_t panels = panel_count(k, panel);
+  // Pass 1: row_ptr[1 + p * n + row] = nonzeros of row inside panel p.
+  row_ptr[0] = 0;
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t p = 0; p < panels; ++p) {
+        int64_t count = 0;
+        for_each_word<kAvx512>(mask + row * k, p * panel, std::min(k, (p + 1) * panel),
+                               [&](uint64_t bits, int64_t) { count += __builtin_popcountll(bits); });
+        row_ptr[1 + p * n + row] = count;
+      }
+    }
+  });
+  int64_t running = 0;
+  for (int64_t s = 1; s <= panels * n; ++s) {
+    running += row_ptr[s];
+    row_ptr[s] = running;
+  }
+  return running;
+}
+
+template <bool kAvx512>
+void fill_plan(const uint8_t* mask, int64_t n, int64_t k, int64_t panel, const int64_t* row_ptr, int16_t* cols) {
+  const int64_t panels = panel_count(k, panel);
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t p = 0; p < panels; ++p) {
+        int16_t* out = cols + row_ptr[p * n + row];
+        const int64_t base = p * panel;
+        for_each_word<kAvx512>(mask + row * k, base, std::min(k, base + panel), [&](uint64_t bits, int64_t first) {
+          const auto offset = static_cast<uint16_t>(first - base);
+          while (bits) {
+            *out++ = static_cast<int16_t>(static_cast<uint16_t>(offset + __builtin_ctzll(bits)));
+            bits &= bits - 1;
+          }
+        });
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> plan_panels_cpu(const at::Tensor& mask_in, int64_t panel) {
+  check_plan_panels(mask_in, panel);
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t n = mask.size(0), k = mask.size(1);
+  at::Tensor row_ptr = at::empty({panel_count(k, panel) * n + 1}, mask.options().dtype(at::kLong));
+  const auto* bytes = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const bool avx512 = has_avx512();
+  const int64_t nonzeros = avx512 ? count_plan<true>(bytes, n, k, panel, row_ptr.data_ptr<int64_t>())
+                                  : count_plan<false>(bytes, n, k, panel, row_ptr.data_ptr<int64_t>());
+  at::Tensor cols = at::empty({nonzeros}, mask.options().dtype(at::kShort));
+  if (nonzeros > 0) {
+    if (avx512) {
+      fill_plan<true>(bytes, n, k, panel, row_ptr.data_ptr<int64_t>(), cols.data_ptr<int16_t>());
+    } else {
+      fill_plan<false>(bytes, n, k, panel, row_ptr.data_ptr<int64_t>(), cols.data_ptr<int16_t>());
+    }
+  }
+  return {row_ptr, cols};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing and unpacking. Rows are visited in blocks, panel by panel inside a block: for a
+// transposed weight (w.T, stride (1, K)) the block's rows are adjacent in memory, so one panel
+// of a block touches panel cache lines instead of panel * block.
+
+constexpr int64_t kPackRows = 16;
+
+template <typename Visit>
+void for_each_nonzero(const int64_t* row_ptr, const int16_t* cols, int64_t n, int64_t panels, int64_t panel,
+                      const Visit& visit) {
+  at::parallel_for(0, ceil_div(n, kPackRows), 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t row_end = std::min(n, (block + 1) * kPackRows);
+      for (int64_t p = 0; p < panels; ++p) {
+        for (int64_t row = block * kPackRows; row < row_end; ++row) {
+          for (int64_t i = row_ptr[p * n + row]; i < row_ptr[p * n + row + 1]; ++i) {
+            visit(i, row, p * panel + col_offset(cols[i]));
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor pack_panels_cpu(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& cols,
+                           int64_t panel) {
+  check_pack_panels(weight, row_ptr, cols, panel);
+  at::Tensor values = at::empty({cols.numel()}, weight.options());
+  if (cols.numel() == 0) return values;
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t row_stride = weight.stride(0), col_stride = weight.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "pack_panels", [&] {
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    scalar_t* out = values.data_ptr<scalar_t>();
+    for_each_nonzero(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int16_t>(), n, panel_count(k, panel),
+                     panel, [&](int64_t i, int64_t row, int64_t col) { out[i] = w[row * row_stride + col * col_stride]; });
+  });
+  return values;
+}
+
+at::Tensor unpack_panels_cpu(const at::Tensor& values_in, const at::Tensor& row_ptr, const at::Tensor& cols,
+                             int64_t panel, int64_t n, int64_t k) {
+  check_unpack_panels(values_in, row_ptr, cols, panel, n, k);
+  const at::Tensor values = values_in.contiguous();
+  at::Tensor dense = at::zeros({n, k}, values.options());
+  if (cols.numel() == 0) return dense;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "unpack_panels", [&] {
+    const scalar_t* in = values.const_data_ptr<scalar_t>();
+    scalar_t* out = dense.data_ptr<scalar_t>();
+    for_each_nonzero(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int16_t>(), n, panel_count(k, panel),
+                     panel, [&](int64_t i, int64_t row, int64_t col) { out[row * k + col] = in[i]; });
+  });
+  return dense;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic products (any dtype, any CPU): one output element at a time, panels in order.
+
+template <typename scalar_t>
+void spmm_generic(const at::Tensor& x, const scalar_t* values, const int64_t* row_ptr, const int16_t* cols,
+                  int64_t panel, int64_t n, const scalar_t* bias, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = x.size(0), k = x.size(1), panels = panel_count(k, panel);
+  const int64_t batch_stride = x.stride(0), col_stride = x.stride(1);
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const scalar_t* x_row = xs + b * batch_stride;
+        acc_t acc = 0;
+        for (int64_t p = 0; p < panels; ++p) {
+          for (int64_t i = row_ptr[p * n + row]; i < row_ptr[p * n + row + 1]; ++i) {
+            acc += static_cast<acc_t>(values[i]) *
+                   static_cast<acc_t>(x_row[(p * panel + col_offset(cols[i])) * col_stride]);
+          }
+        }
+        if (bias != nullptr) acc += static_cast<acc_t>(bias[row]);
+        y[b * n + row] = static_cast<scalar_t>(acc);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void sddmm_generic(const at::Tensor& grad_out, const at::Tensor& x, const int64_t* row_ptr, const int16_t* cols,
+                   int64_t panel, scalar_t* values) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1), panels = panel_count(k, panel);
+  const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  const int64_t g_batch = grad_out.stride(0), g_col = grad_out.stride(1);
+  const int64_t x_batch = x.stride(0), x_col = x.stride(1);
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t p = 0; p < panels; ++p) {
+        for (int64_t i = row_ptr[p * n + row]; i < row_ptr[p * n + row + 1]; ++i) {
+          const int64_t col = p * panel + col_offset(cols[i]);
+          acc_t acc = 0;
+          for (int64_t b = 0; b < batch; ++b) {
+            acc += static_cast<acc_t>(g[b * g_batch + row * g_col]) * static_cast<acc_t>(xs[b * x_batch + col * x_col]);
+          }
+          values[i] = static_cast<scalar_t>(acc);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 AVX-512 products.
+
+#if DYNASPARSE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+// 64-byte aligned float scratch owned by one parallel task.
+struct Scratch {
+  explicit Scratch(int64_t floats) : data(static_cast<float*>(c10::alloc_cpu(std::max<int64_t>(floats, 1) * 4))) {}
+  ~Scratch() { c10::free_cpu(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data;
+};
+
+// m [batch, cols] (any strides) -> ceil(batch / width) slices of [cols][width], zero past batch.
+at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
+  const int64_t batch = m.size(0), cols = m.size(1), slices = ceil_div(batch, width);
+  at::Tensor out = at::empty({slices, cols, width}, m.options());
+  if (out.numel() == 0) return out;
+  const float* in = m.const_data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t batch_stride = m.stride(0), col_stride = m.stride(1);
+  constexpr int64_t kBlock = 64;
+  const int64_t col_blocks = ceil_div(cols, kBlock);
+  at::parallel_for(0, slices * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t slice = task / col_blocks, c0 = (task % col_blocks) * kBlock;
+      const int64_t c1 = std::min(cols, c0 + kBlock);
+      float* block = dst + (slice * cols + c0) * width;
+      for (int64_t b = 0; b < width; ++b) {
+        const int64_t source = slice * width + b;
+        if (source < batch) {
+          const float* row = in + source * batch_stride;
+          for (int64_t c = c0; c < c1; ++c) block[(c - c0) * width + b] = row[c * col_stride];
+        } else {
+          for (int64_t c = c0; c < c1; ++c) block[(c - c0) * width + b] = 0.0f;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Rows of W per inner group: the group's accumulators ([rows][width] floats, 128 KiB at
+// width 64) stay in L2 while every panel of a slice passes over them.
+constexpr int64_t kGroupRows = 512;
+
+// y rows [row_begin, row_end) for all batch slices. kVecs vectors of 16 per slice row; kSets
+// independent accumulator sets split each segment's nonzeros (even/odd, ...) so that eight
+// FMA chains are in flight.
+template <int kVecs>
+void spmm_rows_avx512(const float* slices, int64_t slice_count, int64_t batch, int64_t k, const float* values,
+                      const int64_t* row_ptr, const int16_t* cols, int64_t panel, int64_t n, const float* bias,
+                      float* y, int64_t row_begin, int64_t row_end) {
+  constexpr int kWidth = 16 * kVecs;
+  constexpr int kSets = 8 / kVecs;
+  const int64_t panels = panel_count(k, panel);
+  Scratch scratch(std::min(kGroupRows, row_end - row_begin) * kWidth);
+  float* acc_rows = scratch.data;
+  for (int64_t group = row_begin; group < row_end; group += kGroupRows) {
+    const int64_t group_end = std::min(row_end, group + kGroupRows);
+    for (int64_t slice = 0; slice < slice_count; ++slice) {
+      std::memset(acc_rows, 0, (group_end - group) * kWidth * sizeof(float));
+      const float* x_slice = slices + slice * k * kWidth;
+      for (int64_t p = 0; p < panels; ++p) {
+        const float* x_panel = x_slice + p * panel * kWidth;
+        const int64_t* segment = row_ptr + p * n;
+        for (int64_t row = group; row < group_end; ++row) {
+          int64_t i = segment[row];
+          const int64_t end = segment[row + 1];
+          if (i == end) continue;
+          float* out = acc_rows + (row - group) * kWidth;
+          __m512 acc[kSets][kVecs];
+#pragma GCC unroll 8
+          for (int s = 0; s < kSets; ++s) {
+#pragma GCC unroll 4
+            for (int v = 0; v < kVecs; ++v) acc[s][v] = s == 0 ? _mm512_loadu_ps(out + 16 * v) : _mm512_setzero_ps();
+          }
+          for (; i + kSets <= end; i += kSets) {
+#pragma GCC unroll 8
+            for (int s = 0; s < kSets; ++s) {
+              const __m512 value = _mm512_set1_ps(values[i + s]);
+              const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[i + s])) * kWidth;
+#pragma GCC unroll 4
+              for (int v = 0; v < kVecs; ++v) acc[s][v] = _mm512_fmadd_ps(value, _mm512_loadu_ps(x_col + 16 * v), acc[s][v]);
+            }
+          }
+          for (; i < end; ++i) {
+            const __m512 value = _mm512_set1_ps(values[i]);
+            const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[i])) * kWidth;
+#pragma GCC unroll 4
+            for (int v = 0; v < kVecs; ++v) acc[0][v] = _mm512_fmadd_ps(value, _mm512_loadu_ps(x_col + 16 * v), acc[0][v]);
+          }
+#pragma GCC unroll 4
+          for (int v = 0; v < kVecs; ++v) {
+            // Pairwise, in a fixed order.
+#pragma GCC unroll 8
+            for (int stride = 1; stride < kSets; stride *= 2) {
+#pragma GCC unroll 8
+              for (int s = 0; s + stride < kSets; s += 2 * stride) acc[s][v] = _mm512_add_ps(acc[s][v], acc[s + stride][v]);
+            }
+            _mm512_storeu_ps(out + 16 * v, acc[0][v]);
+          }
+        }
+      }
+      const int64_t lanes = std::min<int64_t>(kWidth, batch - slice * kWidth);
+      for (int64_t b = 0; b < lanes; ++b) {
+        float* y_row = y + (slice * kWidth + b) * n;
+        for (int64_t row = group; row < group_end; ++row) {
+          y_row[row] = acc_rows[(row - group) * kWidth + b] + (bias != nullptr ? bias[row] : 0.0f);
+        }
+      }
+    }
+  }
+}
+
+// Batch 1: x (16 KiB for K = 4096) sits in L1 whole; 16 nonzeros at a time gather their x.
+void spmv_rows_avx512(const float* x, int64_t k, const float* values, const int64_t* row_ptr, const int16_t* cols,
+                      int64_t panel, int64_t n, const float* bias, float* y, int64_t row_begin, int64_t row_end) {
+  const int64_t panels = panel_count(k, panel);
+  Scratch scratch((row_end - row_begin) * 16);
+  float* acc_rows = scratch.data;
+  std::memset(acc_rows, 0, (row_end - row_begin) * 16 * sizeof(float));
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* x_panel = x + p * panel;
+    const int64_t* segment = row_ptr + p * n;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      int64_t i = segment[row];
+      const int64_t end = segment[row + 1];
+      if (i == end) continue;
+      float* out = acc_rows + (row - row_begin) * 16;
+      __m512 acc = _mm512_loadu_ps(out);
+      for (; i + 16 <= end; i += 16) {
+        const __m512i index = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + i)));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(values + i), _mm512_i32gather_ps(index, x_panel, 4), acc);
+      }
+      if (i < end) {
+        const __mmask16 lanes = static_cast<__mmask16>((1u << (end - i)) - 1);
+        const __m512i index = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, cols + i));
+        const __m512 gathered = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, x_panel, 4);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, values + i), gathered, acc);
+      }
+      _mm512_storeu_ps(out, acc);
+    }
+  }
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    y[row] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc_rows + (row - row_begin) * 16)) +
+             (bias != nullptr ? bias[row] : 0.0f);
+  }
+}
+
+// Sums of four vectors, element t of the result the sum of vector t, in a fixed order.
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  // 128-bit lane t now holds four partial sums of vector t.
+  __m512 lanes = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  lanes = _mm512_add_ps(lanes, _mm512_shuffle_ps(lanes, lanes, _MM_SHUFFLE(2, 3, 0, 1)));
+  lanes = _mm512_add_ps(lanes, _mm512_shuffle_ps(lanes, lanes, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, lanes));
+}
+
+// values of rows [row_begin, row_end): per nonzero, the dot product of its grad_out and x
+// slice rows, four nonzeros at a time (sixteen chains at kVecs = 4), slices in order.
+template <int kVecs>
+void sddmm_rows_avx512(const float* g_slices, const float* x_slices, int64_t slice_count, int64_t n, int64_t k,
+                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values, int64_t row_begin,
+                       int64_t row_end) {
+  constexpr int kWidth = 16 * kVecs;
+  const int64_t panels = panel_count(k, panel);
+  for (int64_t slice = 0; slice < slice_count; ++slice) {
+    const float* g_slice = g_slices + slice * n * kWidth;
+    const float* x_slice = x_slices + slice * k * kWidth;
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* x_panel = x_slice + p * panel * kWidth;
+      const int64_t* segment = row_ptr + p * n;
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        const int64_t begin = segment[row], end = segment[row + 1];
+        if (begin == end) continue;
+        __m512 g[kVecs];
+#pragma GCC unroll 4
+        for (int v = 0; v < kVecs; ++v) g[v] = _mm512_loadu_ps(g_slice + row * kWidth + 16 * v);
+        for (int64_t i = begin; i < end; i += 4) {
+          const int64_t last = std::min<int64_t>(4, end - i) - 1;
+          __m512 dot[4];
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t) {
+            // Past the segment's end, repeat its last nonzero; the store below drops it.
+            const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[i + std::min<int64_t>(t, last)])) * kWidth;
+            dot[t] = _mm512_mul_ps(g[0], _mm512_loadu_ps(x_col));
+#pragma GCC unroll 4
+            for (int v = 1; v < kVecs; ++v) dot[t] = _mm512_fmadd_ps(g[v], _mm512_loadu_ps(x_col + 16 * v), dot[t]);
+          }
+          __m128 sums = sum4(dot[0], dot[1], dot[2], dot[3]);
+          const __mmask8 lanes = static_cast<__mmask8>((2u << last) - 1);
+          if (slice > 0) sums = _mm_add_ps(sums, _mm_maskz_loadu_ps(lanes, values + i));
+          _mm_mask_storeu_ps(values + i, lanes, sums);
+        }
+      }
+    }
+  }
+}
+
+int vectors_for(int64_t batch) { return batch > 32 ? 4 : batch > 16 ? 2 : 1; }
+
+void spmm_float_avx512(const at::Tensor& x, const float* values, const int64_t* row_ptr, const int16_t* cols,
+                       int64_t panel, int64_t n, const float* bias, float* y) {
+  const int64_t batch = x.size(0), k = x.size(1);
+  if (batch == 1) {
+    const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
+    const float* xs = x_row.const_data_ptr<float>();
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      spmv_rows_avx512(xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
+    });
+    return;
+  }
+  const int vecs = vectors_for(batch);
+  const at::Tensor slices = batch_slices(x, 16 * vecs);
+  const float* xs = slices.const_data_ptr<float>();
+  const int64_t slice_count = slices.size(0);
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    switch (vecs) {
+      case 4: return spmm_rows_avx512<4>(xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
+      case 2: return spmm_rows_avx512<2>(xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
+      default: return spmm_rows_avx512<1>(xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
+    }
+  });
+}
+
+void sddmm_float_avx512(const at::Tensor& grad_out, const at::Tensor& x, const int64_t* row_ptr,
+                        const int16_t* cols, int64_t panel, float* values) {
+  const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1);
+  const int vecs = vectors_for(batch);
+  const at::Tensor g_slices = batch_slices(grad_out, 16 * vecs);
+  const at::Tensor x_slices = batch_slices(x, 16 * vecs);
+  const float* gs = g_slices.const_data_ptr<float>();
+  const float* xs = x_slices.const_data_ptr<float>();
+  const int64_t slice_count = x_slices.size(0);
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    switch (vecs) {
+      case 4: return sddmm_rows_avx512<4>(gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+      case 2: return sddmm_rows_avx512<2>(gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+      default: return sddmm_rows_avx512<1>(gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+    }
+  });
+}
+
+#pragma GCC pop_options
+#endif  // DYNASPARSE_X86
+
+at::Tensor spmm_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& row_ptr,
+                           const at::Tensor& cols, int64_t panel, int64_t n, const c10::optional<at::Tensor>& bias_in) {
+  check_spmm_panels(x_in, values_in, row_ptr, cols, panel, n, bias_in);
+  const at::Tensor x = as_rows(x_in);
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  out_sizes.back() = n;
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  if (y.numel() == 0) return y.view(out_sizes);
+  const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
+  const int16_t* offsets = cols.const_data_ptr<int16_t>();
+#if DYNASPARSE_X86
+  if (x.scalar_type() == at::kFloat && has_avx512()) {
+    spmm_float_avx512(x, values.const_data_ptr<float>(), starts, offsets, panel, n,
+                      bias.defined() ? bias.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+    return y.view(out_sizes);
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spmm_panels", [&] {
+    spmm_generic<scalar_t>(x, values.const_data_ptr<scalar_t>(), starts, offsets, panel, n,
+                           bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+  });
+  return y.view(out_sizes);
+}
+
+at::Tensor sddmm_panels_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& row_ptr,
+                            const at::Tensor& cols, int64_t panel) {
+  check_sddmm_panels(grad_out_in, x_in, row_ptr, cols, panel);
+  const at::Tensor grad_out = as_rows(grad_out_in);
+  const at::Tensor x = as_rows(x_in);
+  at::Tensor values = at::empty({cols.numel()}, x.options());
+  if (values.numel() == 0) return values;
+  if (x.size(0) == 0) return values.zero_();
+  const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
+  const int16_t* offsets = cols.const_data_ptr<int16_t>();
+#if DYNASPARSE_X86
+  if (x.scalar_type() == at::kFloat && has_avx512()) {
+    sddmm_float_avx512(grad_out, x, starts, offsets, panel, values.data_ptr<float>());
+    return values;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sddmm_panels", [&] {
+    sddmm_generic<scalar_t>(grad_out, x, starts, offsets, panel, values.data_ptr<scalar_t>());
+  });
+  return values;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynasparse, CPU, m) {
+  m.impl("plan_panels", &plan_panels_cpu);
+  m.impl("pack_panels", &pack_panels_cpu);
+  m.impl("unpack_panels", &unpack_panels_cpu);
+  m.impl("spmm_panels", &spmm_panels_cpu);
+  m.impl("sddmm_panels", &sddmm_panels_cpu);
+}
+
+}  // namespace dynasparse
