@@ -5,18 +5,25 @@
 // run time) keeps an 8-row x 16..48-column accumulator tile in zmm registers:
 // - spmm works on batch-contiguous copies of x and y (x.T padded to whole blocks and 16 rows of
 //   batch), so the tile is 8 output features x 48 batch rows, fed by one broadcast weight per
-//   feature and three vector loads of x.T per reduction step;
-// - sddmm needs no copies: x's rows are already contiguous along K, so the tile is 8 rows of
-//   grad_out (broadcast) x 48 columns of x, reduced over the batch.
+//   feature and three vector loads of x.T per reduction step; batches under kSmallBatch rows
+//   skip the copies and take dot products along the blocks' rows instead;
+// - sddmm needs no transposed copies: x's rows are already contiguous along K, so the tile is
+//   8 rows of grad_out (broadcast) x 48 columns of x, reduced over the batch.
 // Both are parallel over block rows (disjoint outputs); each output's summation order is fixed
 // by the plan and the batch, never by the thread count. Other dtypes and block sizes run a
 // portable kernel accumulating in at::opmath_type (float for half types).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+// The AVX-512 kernels need x86 and GCC/Clang function-level target attributes; elsewhere
+// every op runs the portable kernels.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DYNASPARSE_AVX512_KERNELS 1
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -38,8 +45,12 @@ constexpr int64_t kSmallBatch = 8;
 inline int64_t round_up(int64_t value, int64_t multiple) { return ceil_div(value, multiple) * multiple; }
 
 bool cpu_has_avx512() {
+#ifdef DYNASPARSE_AVX512_KERNELS
   static const bool supported = __builtin_cpu_supports("avx512f");
   return supported;
+#else
+  return false;
+#endif
 }
 
 bool fast_block(int64_t block) { return block == 16 || block == 32 || block == 64; }
@@ -48,8 +59,12 @@ bool use_fast_path(at::ScalarType dtype, int64_t block) {
   return dtype == at::kFloat && fast_block(block) && cpu_has_avx512();
 }
 
-// x (..., K) as [rows, K]; the kernels take its strides, so a view is enough.
-at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }
+// x (..., K) as [rows, K]; the kernels take its strides, so a view is enough. The row count is
+// explicit because reshape cannot infer it when K is 0.
+at::Tensor as_rows(const at::Tensor& x) {
+  const int64_t k = x.size(-1);
+  return x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), k});
+}
 
 // --- plan ---
 
@@ -240,6 +255,7 @@ void spmm_portable(const at::Tensor& x, const at::Tensor& values, const int64_t*
   });
 }
 
+#ifdef DYNASPARSE_AVX512_KERNELS
 // yT[r0 + i0 + r, m0 + 16c] for r < 8, c < VECTORS: the block row's blocks against x.T, whose
 // rows are padded to whole blocks (zeros), so no edge tests in the loop.
 template <int BLOCK, int VECTORS>
@@ -269,10 +285,9 @@ __attribute__((target("avx512f"))) void spmm_tile(const float* blocks, const int
 template <int BLOCK>
 __attribute__((target("avx512f"))) void spmm_block_row(const float* values, const int64_t* row_ptr,
                                                        const int32_t* cols, int64_t br, const float* xt,
-                                                       int64_t ldx, float* yt) {
+                                                       int64_t ldx, float* rows) {
   const int64_t first = row_ptr[br], count = row_ptr[br + 1] - first;
   const float* blocks = values + first * BLOCK * BLOCK;
-  float* rows = yt + br * BLOCK * ldx;
   for (int64_t m0 = 0; m0 < ldx; m0 += kMaxTileVectors * kLanes) {
     const int64_t vectors = std::min<int64_t>(kMaxTileVectors, (ldx - m0) / kLanes);
     for (int i0 = 0; i0 < BLOCK; i0 += kTileRows) {
@@ -385,22 +400,27 @@ void spmm_fast(const at::Tensor& x, const at::Tensor& values, const int64_t* row
   // x.T with zero rows past K and zero columns past the batch: a padded block then multiplies
   // zeros, never whatever lies past x.
   at::Tensor xt = at::zeros({round_up(k, block), ldx}, x.options());
-  at::Tensor yt = at::empty({block_rows * block, ldx}, x.options());
   transpose_into(x.data_ptr<float>(), x.stride(0), x.stride(1), rows_m, k, xt.data_ptr<float>(), ldx);
   const float* xtp = xt.data_ptr<float>();
   const float* v = values.data_ptr<float>();
-  float* ytp = yt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
   at::parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
+    // One block row of y.T at a time, written back (plus bias) while it is still in cache.
+    std::vector<float> rows_t(block * ldx);
     for (int64_t br = begin; br < end; ++br) {
-      if (block == 16) spmm_block_row<16>(v, row_ptr, cols, br, xtp, ldx, ytp);
-      else if (block == 32) spmm_block_row<32>(v, row_ptr, cols, br, xtp, ldx, ytp);
-      else spmm_block_row<64>(v, row_ptr, cols, br, xtp, ldx, ytp);
+      if (block == 16) spmm_block_row<16>(v, row_ptr, cols, br, xtp, ldx, rows_t.data());
+      else if (block == 32) spmm_block_row<32>(v, row_ptr, cols, br, xtp, ldx, rows_t.data());
+      else spmm_block_row<64>(v, row_ptr, cols, br, xtp, ldx, rows_t.data());
+      const int64_t r0 = br * block, rows = std::min(block, n - r0);
+      for (int64_t m = 0; m < rows_m; ++m) {
+        float* ym = yp + m * n + r0;
+        for (int64_t i = 0; i < rows; ++i) ym[i] = rows_t[i * ldx + m] + (bias ? bias[r0 + i] : 0.0f);
+      }
     }
   });
-  float* yp = y.data_ptr<float>();
-  transpose_into(ytp, ldx, 1, n, rows_m, yp, n);
-  if (bias) add_bias(bias, rows_m, n, yp);
 }
+
+#endif  // DYNASPARSE_AVX512_KERNELS
 
 at::Tensor spmm_blocks_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& row_ptr_in,
                            const at::Tensor& cols_in, int64_t n, const c10::optional<at::Tensor>& bias_in) {
@@ -415,10 +435,12 @@ at::Tensor spmm_blocks_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
   at::Tensor y_rows = y.view({-1, n});
   const int64_t* row_ptr = row_ptr_in.data_ptr<int64_t>();
   const int32_t* cols = cols_in.data_ptr<int32_t>();
+#ifdef DYNASPARSE_AVX512_KERNELS
   if (use_fast_path(x.scalar_type(), block)) {
     spmm_fast(x, values, row_ptr, cols, block, n, bias.defined() ? bias.data_ptr<float>() : nullptr, y_rows);
     return y;
   }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spmm_blocks", [&] {
     spmm_portable<scalar_t>(x, values, row_ptr, cols, block, n,
                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, y_rows);
@@ -466,6 +488,7 @@ void sddmm_one_block(const scalar_t* g, int64_t gs0, const scalar_t* x, int64_t 
     for (int64_t j = 0; j < width; ++j) out[i * block + j] = static_cast<scalar_t>(acc[i * block + j]);
 }
 
+#ifdef DYNASPARSE_AVX512_KERNELS
 // out[c] + r * BLOCK (16 floats) += sum over m of g[m, r] * x_cols[c][m, 0:16], r < 8.
 template <int BLOCK, int VECTORS>
 __attribute__((target("avx512f"))) void sddmm_tile(const float* g, int64_t ldg, const float* const* x_cols,
@@ -519,6 +542,8 @@ __attribute__((target("avx512f"))) void sddmm_block_row_full(const float* g, int
   }
 }
 
+#endif  // DYNASPARSE_AVX512_KERNELS
+
 template <typename scalar_t>
 void sddmm_rows(const scalar_t* g, const scalar_t* x, int64_t rows_m, const at::Tensor& mask, const int64_t* row_ptr,
                 const int32_t* cols, int64_t block, int64_t n, int64_t k, bool fast, scalar_t* out) {
@@ -537,6 +562,7 @@ void sddmm_rows(const scalar_t* g, const scalar_t* x, int64_t rows_m, const at::
           sddmm_one_block(g, n, x, k, rows_m, n, k, r0, c0, block, out + q * block * block, acc);
         }
       }
+#ifdef DYNASPARSE_AVX512_KERNELS
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (!full.empty()) {
           const auto count = static_cast<int64_t>(full.size());
@@ -545,6 +571,7 @@ void sddmm_rows(const scalar_t* g, const scalar_t* x, int64_t rows_m, const at::
           else sddmm_block_row_full<64>(g, n, x, k, rows_m, r0, full.data(), count, cols, out);
         }
       }
+#endif
       for (int64_t q = row_ptr[br]; q < row_ptr[br + 1]; ++q) {
         mask_block(out + q * block * block, m, mask.stride(0), mask.stride(1), n, k, r0, cols[q] * block, block);
       }

@@ -2,6 +2,8 @@
 plans and packed blocks exactly as the reference builds them, products within twice torch's own
 rounding error, edge blocks, batch tails of the AVX-512 tiles, strided views, every dtype."""
 
+import math
+
 import pytest
 import torch
 
@@ -109,6 +111,23 @@ def test_plan_empty_and_tiny(shape):
 
 
 # Products -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [3, 32])
+@pytest.mark.parametrize("n,k", [(9, 0), (0, 9), (33, 40)])
+def test_products_with_empty_dimensions(block, n, k):
+    mask = torch.ones(n, k, dtype=torch.bool)
+    weight = torch.randn(n, k, dtype=torch.float64)
+    values, row_ptr, cols = plan_of(weight, mask, block)
+    bias = torch.randn(n, dtype=torch.float64)
+    for leading in [(0,), (2, 3)]:
+        x = torch.randn(*leading, k, dtype=torch.float64)
+        y = ops.spmm_blocks(x, values, row_ptr, cols, n, bias, backend="cpu")
+        torch.testing.assert_close(y, x @ weight.T + bias)
+        grad_out = torch.randn(*leading, n, dtype=torch.float64)
+        rows = math.prod(leading)
+        expected = reference.pack_blocks(grad_out.reshape(rows, n).T @ x.reshape(rows, k), mask, row_ptr, cols, block)
+        torch.testing.assert_close(ops.sddmm_blocks(grad_out, x, mask, row_ptr, cols, block, backend="cpu"), expected)
 
 
 def plan_of(weight, mask, block):
@@ -265,10 +284,11 @@ def test_opcheck(case):
         torch.library.opcheck(overload, args)
 
 
-# plan_blocks' cols length depends on the mask's data: a fake tensor cannot run it without a
-# ShapeEnv, so opcheck's test_faketensor (and test_aot_dispatch_dynamic, which traces through
-# fake tensors) do not apply; the schema and autograd-registration checks do.
-def test_opcheck_plan_blocks_data_independent_parts():
+# plan_blocks' cols length depends on the mask's data (new_dynamic_size in its fake): fake
+# tensors with a ShapeEnv (test_faketensor, test_aot_dispatch_dynamic) handle it, but
+# test_aot_dispatch_static traces without one and raises DynamicOutputShapeException.
+def test_opcheck_plan_blocks_all_but_static_aot():
     mask = random_mask(37, 50, 16, 0.5, True, torch.Generator().manual_seed(9))
     for overload in matmul_ops._plan_blocks.overloads():
-        torch.library.opcheck(overload, (mask, 16), test_utils=("test_schema", "test_autograd_registration"))
+        torch.library.opcheck(overload, (mask, 16), test_utils=(
+            "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
