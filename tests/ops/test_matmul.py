@@ -97,9 +97,12 @@ def assert_close_to_float64(ours, exact, same_precision_torch):
         return
     scale = exact.abs().max().item() + 1.0
     ulp = torch.finfo(same_precision_torch.dtype).eps
+    # In float64 torch's result is the oracle itself (its error is 0 by construction): allow a
+    # fixed number of roundings for another summation order instead.
+    roundings = 64 if same_precision_torch.dtype == torch.float64 else 4
     our_error = (ours - exact).abs().max().item()
     torch_error = (theirs - exact).abs().max().item()
-    assert our_error <= 2 * torch_error + 4 * ulp * scale, (our_error, torch_error)
+    assert our_error <= 2 * torch_error + roundings * ulp * scale, (our_error, torch_error)
 
 
 # --- plans ---
