@@ -146,12 +146,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _flip_summary(flip_rates: Sequence[float]) -> tuple[float, float, float]:
+def _flip_summary(flip_rates: Sequence[float]) -> tuple[float, float, float] | None:
     """Mean flip rate per update after the initial mask, and over the first and last quarter
-    of those updates (is the mask settling?)."""
+    of those updates (is the mask settling?); None without such updates (one-shot, dense)."""
     rates = list(flip_rates[1:])
     if not rates:
-        return float("nan"), float("nan"), float("nan")
+        return None
     quarter = max(1, len(rates) // 4)
     return statistics.fmean(rates), statistics.fmean(rates[:quarter]), statistics.fmean(rates[-quarter:])
 
@@ -164,11 +164,11 @@ def summarize(runs: list[dict]) -> list[dict]:
     for (method, target), group in groups.items():
         accuracy, accuracy_std = _mean_std([run["accuracy"] for run in group])
         flips = [_flip_summary(run["flip_rates"]) for run in group]
+        flips = None if None in flips else [statistics.fmean(f[i] for f in flips) for i in range(3)]
         rows.append({"method": method, "target": target, "seeds": len(group), "accuracy": accuracy,
                      "accuracy_std": accuracy_std, "sparsity": statistics.fmean(run["sparsity"] for run in group),
-                     "flip_rate": statistics.fmean(f[0] for f in flips),
-                     "flip_rate_early": statistics.fmean(f[1] for f in flips),
-                     "flip_rate_late": statistics.fmean(f[2] for f in flips),
+                     "flip_rate": flips and flips[0], "flip_rate_early": flips and flips[1],
+                     "flip_rate_late": flips and flips[2],
                      "reactivated": statistics.fmean(run["reactivated"] for run in group),
                      "seconds": statistics.fmean(run["seconds"] for run in group)})
     return rows
@@ -176,7 +176,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     def number(value, fmt):
-        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+        return "-" if value is None else format(value, fmt)
 
     header = ("method", "target", "test acc (mean ± std)", "sparsity", "flips/update", "early -> late",
               "re-activated", "time/run s")
@@ -249,13 +249,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynasparse demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, few steps: a smoke test in seconds")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, 1 with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="SGD steps per run (default 320, 48 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="SGD steps per run (default 480, 48 with --quick)")
     parser.add_argument("--out", default="demo-results", help="folder for demo.json and demo.png")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); the small CNN gains little from more")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed section")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    steps = args.steps if args.steps is not None else (48 if args.quick else 320)
+    steps = args.steps if args.steps is not None else (48 if args.quick else 480)
     if seeds < 1 or steps < UPDATE_EVERY:
         parser.error(f"--seeds must be >= 1 and --steps >= {UPDATE_EVERY}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
