@@ -249,19 +249,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynasparse demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, few steps: a smoke test in seconds")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, 1 with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="SGD steps per run (default 480, 48 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="SGD steps per run (default 480, 96 with --quick)")
     parser.add_argument("--out", default="demo-results", help="folder for demo.json and demo.png")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); the small CNN gains little from more")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for the training runs (default 1: the small CNN's operations are too "
+                        "small to gain from more, and lose much when cores are shared); the speed section uses "
+                        "torch's default")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed section")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    steps = args.steps if args.steps is not None else (48 if args.quick else 480)
+    steps = args.steps if args.steps is not None else (96 if args.quick else 480)
     if seeds < 1 or steps < UPDATE_EVERY:
         parser.error(f"--seeds must be >= 1 and --steps >= {UPDATE_EVERY}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -270,14 +270,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import dynasparse
 
-    print(f"dynasparse {dynasparse.__version__} demo on {device} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, python {platform.python_version()}, load average {_load_average()})")
+    default_threads = torch.get_num_threads()
+    print(f"dynasparse {dynasparse.__version__} demo on {device} (torch {torch.__version__}, python "
+          f"{platform.python_version()}, {args.threads} CPU thread(s) for training, {default_threads} for the "
+          f"speed section, load average {_load_average()})")
     print(f"digits CNN, {steps} SGD steps per run, {seeds} seed(s), methods {', '.join(METHODS)} at sparsity "
           f"{', '.join(f'{s:.0%}' for s in SPARSITIES)} of conv2 + fc1 (conv1 and fc2 dense)")
     train, test = load_digits_split(device)
     plan = [("dense", 0.0, seed) for seed in range(seeds)]
     plan += [(method, sparsity, seed) for method in METHODS[1:] for sparsity in SPARSITIES for seed in range(seeds)]
     runs = []
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with tqdm(total=len(plan) * steps, desc="training", unit="step", file=sys.stderr,
               disable=not sys.stderr.isatty()) as progress:
@@ -285,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.set_postfix_str(f"{method} {sparsity:.0%} seed {seed}")
             runs.append(train_run(method, sparsity, seed, train, test, steps=steps, device=device, progress=progress))
     training_s = time.perf_counter() - start
+    torch.set_num_threads(default_threads)
     rows = summarize(runs)
     print()
     print(format_table(rows))
@@ -302,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "demo.json"), os.path.join(args.out, "demo.png")
     with open(json_path, "w") as handle:
-        json.dump({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        json.dump({"device": str(device), "torch": torch.__version__, "training_threads": args.threads, "speed_threads": default_threads,
                    "steps": steps, "seeds": seeds, "training_seconds": training_s, "load_average": _load_average(),
                    "backends": dynasparse.format_backends(), "summary": rows,
                    "runs": [{key: value for key, value in run.items() if key != "report"} for run in runs],
