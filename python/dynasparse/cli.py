@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="versions and the backends table: what is built and usable here, and why not")
     commands.add_parser("bench", help="time sparse kernels against dense PyTorch (dynasparse bench --help)",
                         add_help=False)
+    commands.add_parser("demo", help="sparse training of a small CNN on digits: dense, magnitude pruning and DPF "
+                        "(dynasparse demo --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from dynasparse.demo import main as demo_main
+
+        return demo_main(rest)
     if args.command == "bench":
         from dynasparse.bench.harness import main as bench_main
 

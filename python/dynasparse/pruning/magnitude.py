@@ -1,0 +1,48 @@
+"""Magnitude pruning: one-shot (optionally fine-tuned with the mask fixed) and gradual (Zhu & Gupta)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .pruner import Pruner
+from .schedules import Cubic
+
+
+def active_magnitude(layer: nn.Module) -> torch.Tensor:
+    """|w| on active weights, -1 on pruned ones: below every magnitude, so a weight once pruned
+    is never chosen again while the target keeps rising (ties among zeros cannot revive one)."""
+    return torch.where(layer.mask, layer.weight.detach().abs(), -1.0)
+
+
+class OneShotMagnitude(Pruner):
+    """Magnitude pruning (our definition for the Model Zoo Twins comparison): at construction,
+    keep the largest |w| under one global threshold over the prunable conv and linear weights
+    (biases excluded), prune the rest to zero. Then train on for masked fine-tuning (pruned
+    weights and their optimizer state stay zero), or evaluate at once for no fine-tuning."""
+
+    grad_mode = "masked"
+
+    def __init__(self, model: nn.Module, sparsity: float, **kwargs):
+        super().__init__(model, sparsity, update_every=None, **kwargs)
+
+
+class GradualMagnitude(Pruner):
+    """Gradual magnitude pruning (Zhu & Gupta 2017) in masked mode: every `update_every` steps
+    from `start` to `end` (fractions of `total_steps`), the active weights of smallest |w| are
+    pruned up to the cubic schedule's sparsity; a pruned weight never returns. The mask is
+    fixed after `end`."""
+
+    grad_mode = "masked"
+
+    def __init__(self, model: nn.Module, sparsity: float, total_steps: int, *, start: float = 0.0,
+                 end: float = 0.75, update_every: int = 16, **kwargs):
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"dynasparse.pruning.GradualMagnitude: need 0 <= start < end <= 1 (fractions of "
+                             f"training), got start={start!r}, end={end!r}")
+        first, last = round(start * total_steps), max(round(end * total_steps), round(start * total_steps) + 1)
+        super().__init__(model, Cubic(sparsity, end=last, start=first), update_every=update_every,
+                         update_until=last, **kwargs)
+
+    def scores(self, name: str, layer: nn.Module) -> torch.Tensor:
+        return active_magnitude(layer)

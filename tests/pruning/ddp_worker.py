@@ -1,0 +1,29 @@
+"""One rank of the 2-process DPF test under DistributedDataParallel (tests/pruning/test_distributed.py)."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dynasparse import optim, pruning
+
+
+def run(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(200 + rank)  # different initial weights per rank: DDP broadcasts rank 0's
+    model = nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 5))
+    pruner = pruning.DPF(model, 0.9, 24, ramp_end=0.5, update_every=4, exclude=["4"])
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    pruner.attach(optimizer)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(24):
+        optimizer.zero_grad()
+        x = torch.randn(16, 20, generator=generator)  # different data per rank
+        ddp(x).square().mean().backward()
+        optimizer.step()
+        pruner.step()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state["reactivated"] = torch.tensor(pruner.report().reactivated_fraction)
+    state["updates"] = torch.tensor(len(pruner.history))
+    torch.save(state, result_file)
+    dist.destroy_process_group()

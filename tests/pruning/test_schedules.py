@@ -1,0 +1,59 @@
+"""Schedule formulas against direct float64 evaluations of the papers' definitions."""
+
+import math
+import random
+
+import pytest
+
+from dynasparse.pruning import Constant, CosineDecay, Cubic, Linear, as_schedule
+
+
+def _cubic_oracle(t, s_i, s_f, t0, t1):
+    if t < t0:
+        return s_i
+    if t > t1:
+        return s_f
+    return s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_cubic_matches_zhu_gupta(trial):
+    rng = random.Random(trial)
+    s_i, s_f = rng.uniform(0, 0.5), rng.uniform(0.5, 0.99)
+    t0 = rng.randint(0, 50)
+    t1 = t0 + rng.randint(1, 300)
+    schedule = Cubic(s_f, end=t1, initial=s_i, start=t0)
+    for t in list(range(0, t1 + 20, 3)) + [t0, t1, t0 - 1, t1 + 1]:
+        assert schedule(t) == pytest.approx(_cubic_oracle(t, s_i, s_f, t0, t1), abs=1e-12)
+    assert schedule(t0) == pytest.approx(s_i) and schedule(t1) == pytest.approx(s_f)
+    values = [schedule(t) for t in range(t0, t1 + 1)]
+    assert all(b >= a for a, b in zip(values, values[1:]))  # monotone towards s_f
+
+
+def test_linear_and_constant():
+    schedule = Linear(0.8, end=110, initial=0.2, start=10)
+    assert schedule(0) == 0.2 and schedule(10) == 0.2 and schedule(200) == 0.8
+    assert schedule(60) == pytest.approx(0.5) and schedule(35) == pytest.approx(0.35)
+    assert Constant(0.3)(0) == Constant(0.3)(10**6) == 0.3
+
+
+def test_cosine_drop_fraction():
+    schedule = CosineDecay(end=1000, alpha=0.3)
+    for t in (0, 1, 250, 500, 999, 1000):
+        assert schedule(t) == pytest.approx(0.3 / 2 * (1 + math.cos(math.pi * t / 1000)), abs=1e-12)
+    assert schedule(0) == pytest.approx(0.3) and schedule(1000) == pytest.approx(0.0, abs=1e-12)
+    assert schedule(1001) == 0.0
+
+
+def test_as_schedule_and_bad_arguments():
+    assert as_schedule(0.5) == Constant(0.5)
+    custom = lambda step: 0.1  # noqa: E731
+    assert as_schedule(custom) is custom
+    with pytest.raises(TypeError, match="callable"):
+        as_schedule("cubic")
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        Cubic(1.0, end=10)
+    with pytest.raises(ValueError, match="start < end"):
+        Cubic(0.9, end=5, start=5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        Constant(-0.1)
