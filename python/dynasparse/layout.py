@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import checks, dispatch, ops
-from .reference.matmul import as_rows
+from .reference.matmul import as_rows, block_rows
 
 LAYOUTS = ("unstructured", "block", "2:4")
 KERNELS = ("panels", "blocks", "bitmask")
@@ -70,6 +70,10 @@ def check_layout(layout: str, block: int | None, mask: torch.Tensor) -> None:
                              "consecutive weights of a row (dynasparse.ops.nm_mask(scores, 2, 4) makes such a mask)")
 
 
+def _version_key(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), weight._version, weight.dtype, weight.stride())
+
+
 class MaskPlan:
     """Kernel plans of one bool mask [N, K], built once; see the module docstring.
 
@@ -106,6 +110,7 @@ class MaskPlan:
             self.words_t = ops.pack_mask(mask_t, backend=backend)
         self._values = None
         self._values_key = None
+        self._order_t = None
 
     # --- validity ---
 
@@ -138,7 +143,7 @@ class MaskPlan:
         if torch.compiler.is_compiling():
             # Version counters are invisible to a traced graph: compiled code packs every call.
             return self._pack(weight.detach())
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.stride())
+        key = _version_key(weight)
         if self._values_key != key:
             with torch.no_grad():
                 self._values = self._pack(weight.detach())
@@ -151,9 +156,33 @@ class MaskPlan:
         return ops.pack_blocks(weight, self.mask, *self.index, self.size, backend=self.backend)
 
     def _pack_t(self, weight: torch.Tensor) -> torch.Tensor:
+        # w.T's values in the plan of m.T are w's values in the plan of m, reordered: while the
+        # forward's packed values are current (as in a backward), a gather from them (a few MB)
+        # replaces a strided pass over all of w.
+        if not torch.compiler.is_compiling() and self._values_key == _version_key(weight):
+            values_t = self._values.index_select(0, self._transposed_order())
+            return values_t if self.kernel == "panels" else values_t.transpose(1, 2).contiguous()
         if self.kernel == "panels":
             return ops.pack_panels(weight.T, *self.index_t, self.size_t, backend=self.backend)
         return ops.pack_blocks(weight.T, self.mask.T, *self.index_t, self.size_t, backend=self.backend)
+
+    def _transposed_order(self) -> torch.Tensor:
+        """Where each packed value (or block) of the plan of m.T sits among those of m; built
+        at the first use and kept for the plan's lifetime."""
+        if self._order_t is None:
+            n, k = self.shape
+            if self.kernel == "panels":
+                # Float64 positions are exact below 2**53 nonzeros.
+                positions = torch.arange(self.index[1].numel(), dtype=torch.float64, device=self.mask.device)
+                dense = ops.unpack_panels(positions, *self.index, self.size, n, k, backend=self.backend)
+                self._order_t = ops.pack_panels(dense.T, *self.index_t, self.size_t, backend=self.backend).long()
+            else:
+                # Block (r, c) of m.T is block (c, r) of m; m's blocks are sorted row-major.
+                column_blocks = checks.ceil_div(k, self.size)
+                keys = block_rows(self.index[0]) * column_blocks + self.index[1].long()
+                keys_t = self.index_t[1].long() * column_blocks + block_rows(self.index_t[0])
+                self._order_t = torch.searchsorted(keys, keys_t)
+        return self._order_t
 
     # --- the three products ---
 

@@ -325,6 +325,21 @@ def test_plan_repacks_only_when_the_weight_changes():
     torch.testing.assert_close(second, 2 * first)
 
 
+@pytest.mark.parametrize("layout,block", [("unstructured", None), ("block", 16), ("block", 32)])
+def test_transposed_values_reordered_from_the_forward_ones_equal_a_fresh_pack(layout, block):
+    n, k = 70, 45
+    mask = random_block_mask(n, k, block, 0.5, seed=68) if block else random_mask(n, k, 0.7, seed=68)
+    weight = randn(n, k, seed=69)
+    plan = MaskPlan(mask, layout, block=block)
+    plan.pack(weight)  # the forward's values are current: the reordering path
+    reordered = plan.pack_transposed(weight)
+    fresh = MaskPlan(mask, layout, block=block).pack_transposed(weight)  # no forward values: a strided pack
+    assert torch.equal(reordered, fresh)
+    with torch.no_grad():
+        weight.add_(1)  # stale forward values must not be reordered
+    assert torch.equal(plan.pack_transposed(weight), MaskPlan(mask, layout, block=block).pack_transposed(weight))
+
+
 def test_stale_plan_is_detected():
     mask = random_mask(20, 40, 0.5, seed=63)
     plan = MaskPlan(mask, kernel="panels")

@@ -33,7 +33,7 @@ def _panel_coordinates(row_ptr: torch.Tensor, cols: torch.Tensor, panel: int, n:
     return segment % max(n, 1), column
 
 
-def _block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+def block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device), torch.diff(row_ptr))
 
 
@@ -59,9 +59,9 @@ def plan_panels(mask: torch.Tensor, panel: int):
 def plan_blocks(mask: torch.Tensor, block: int):
     checks.check_plan_blocks(mask, block)
     occupied = _tiled(mask, block).any(dim=3).any(dim=1)
-    block_rows, block_cols = occupied.nonzero(as_tuple=True)
-    counts = torch.bincount(block_rows, minlength=occupied.shape[0])
-    return _offsets(counts), block_cols.to(torch.int32)
+    occupied_rows, occupied_cols = occupied.nonzero(as_tuple=True)
+    counts = torch.bincount(occupied_rows, minlength=occupied.shape[0])
+    return _offsets(counts), occupied_cols.to(torch.int32)
 
 
 def pack_panels(weight, row_ptr, cols, panel: int):
@@ -75,7 +75,7 @@ def pack_blocks(weight, mask, row_ptr, cols, block: int):
     # where, not weight * mask: a pruned inf or nan must contribute nothing.
     tiles = _tiled(torch.where(mask, weight, 0), block)
     # Indices split by a slice: the indexed dimension comes first, giving [blocks, b, b].
-    return tiles[_block_rows(row_ptr), :, cols.to(torch.int64), :]
+    return tiles[block_rows(row_ptr), :, cols.to(torch.int64), :]
 
 
 def unpack_panels(values, row_ptr, cols, panel: int, n: int, k: int):
@@ -89,7 +89,7 @@ def unpack_panels(values, row_ptr, cols, panel: int, n: int, k: int):
 def unpack_blocks(values, row_ptr, cols, n: int, k: int):
     block = checks.check_unpack_blocks(values, row_ptr, cols, n, k)
     tiles = _tiled(values.new_zeros(n, k), block)
-    tiles[_block_rows(row_ptr), :, cols.to(torch.int64), :] = values
+    tiles[block_rows(row_ptr), :, cols.to(torch.int64), :] = values
     return tiles.reshape(tiles.shape[0] * block, tiles.shape[2] * block)[:n, :k]
 
 
