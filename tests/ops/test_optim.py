@@ -408,3 +408,17 @@ def test_bias_correction_uses_the_step():
     grad = torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5])
     ops.adamw_step([param], [grad], [torch.zeros(5)], [torch.zeros(5)], lr=0.1, step=1, eps=0.0, weight_decay=0.0)
     assert torch.allclose(param, -0.1 * grad.sign(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_steps_bump_the_version_counters_of_what_they_write(backend, device):
+    # Caches keyed on version counters (a sparse layer's packed values) must see every step,
+    # also when a kernel writes through data pointers.
+    param, grad = torch.randn(40, device=device), torch.randn(40, device=device)
+    buffer, exp_avg, exp_avg_sq = (torch.zeros(40, device=device) for _ in range(3))
+    before = (param._version, buffer._version)
+    ops.sgd_step([param], [grad], [buffer], lr=0.1, momentum=0.9, first_step=True, backend=backend)
+    assert param._version > before[0] and buffer._version > before[1]
+    before = (param._version, exp_avg._version, exp_avg_sq._version)
+    ops.adamw_step([param], [grad], [exp_avg], [exp_avg_sq], lr=0.1, step=1, backend=backend)
+    assert all(after > old for after, old in zip((param._version, exp_avg._version, exp_avg_sq._version), before))

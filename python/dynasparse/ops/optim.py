@@ -72,6 +72,15 @@ def _per_tensor(params, masks, feedback):
     return masks, feedback
 
 
+def _mark_written(*tensor_lists) -> None:
+    # The native and Triton kernels write through data pointers, which version counters do not
+    # see; caches keyed on them (a sparse layer's packed weight values) must see every step.
+    if not torch.compiler.is_compiling():
+        for tensors in tensor_lists:
+            if tensors:
+                torch.autograd.graph.increment_version(tensors)
+
+
 def sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
              momentum_buffers: Sequence[torch.Tensor] = (), masks: Sequence[torch.Tensor | None] | None = None,
              feedback: Sequence[bool] | None = None, statistics: Sequence[torch.Tensor] = (), *, lr: float,
@@ -87,9 +96,11 @@ def sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     if not params:
         return torch.empty(0)
     masks, feedback = _per_tensor(params, masks, feedback)
-    return _sgd(list(params), list(grads), list(momentum_buffers), masks, feedback, list(statistics), float(lr),
-                float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
-                bool(first_step), statistic, statistic_ema, backend=backend)
+    norms = _sgd(list(params), list(grads), list(momentum_buffers), masks, feedback, list(statistics), float(lr),
+                 float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+                 bool(first_step), statistic, statistic_ema, backend=backend)
+    _mark_written(list(params), list(momentum_buffers), list(statistics))
+    return norms
 
 
 def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
@@ -106,7 +117,9 @@ def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     if not params:
         return torch.empty(0)
     masks, feedback = _per_tensor(params, masks, feedback)
-    return _adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), masks,
-                  feedback, list(statistics), float(lr), float(beta1), float(beta2), float(eps),
-                  float(weight_decay), int(step), bool(amsgrad), bool(maximize), statistic, statistic_ema,
-                  backend=backend)
+    norms = _adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), masks,
+                   feedback, list(statistics), float(lr), float(beta1), float(beta2), float(eps),
+                   float(weight_decay), int(step), bool(amsgrad), bool(maximize), statistic, statistic_ema,
+                   backend=backend)
+    _mark_written(list(params), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(statistics))
+    return norms

@@ -113,9 +113,6 @@ class SparseOptimizerMixin:
                 feedback.append(mode == "feedback")
             statistics = [] if self.statistic == "none" else [self._statistic_buffer(p) for p in batch]
             norms = call(batch, [p.grad for p in batch], masks, feedback, statistics, batch_key)
-            # The native kernels write through data pointers, unseen by version counters:
-            # caches keyed on them (the sparse layers' packed values) must see the change.
-            torch.autograd.graph.increment_version(batch)
             for i, param in enumerate(batch):
                 if masks[i] is not None:
                     self._error_norms[param] = norms[i]
