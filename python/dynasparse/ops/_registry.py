@@ -11,6 +11,7 @@ traces straight through it.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,16 @@ import torch
 from .. import dispatch
 
 _TRITON_LIBRARY = torch.library.Library("dynasparse", "FRAGMENT")
+
+
+def has_triton_kernels(family: str) -> bool:
+    """Whether dynasparse.kernels.<family> ships here. The kernels need triton, so a family
+    module imports them at its first Triton call, not before; where they are absent, no
+    Triton variant is registered."""
+    try:
+        return importlib.util.find_spec(f"dynasparse.kernels.{family}") is not None
+    except ModuleNotFoundError:  # no dynasparse.kernels package at all
+        return False
 
 
 def _native(name: str) -> torch._ops.OpOverload:

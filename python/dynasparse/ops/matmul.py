@@ -14,13 +14,12 @@ product runs the same kernels. `dynasparse.layout.MaskPlan` builds and caches al
 
 from __future__ import annotations
 
-import importlib.util
 
 import torch
 
 from .. import checks
 from ..reference import matmul as reference
-from ._registry import Op
+from ._registry import Op, has_triton_kernels
 
 
 def _nonzeros_unknown_until_run() -> int:
@@ -90,14 +89,7 @@ def _masked_sddmm_fake(grad_out, x, mask_words, tile_ptr, tile_cols, tile):
     return x.new_empty((grad_out.shape[-1], x.shape[-1]))
 
 
-def _has_triton_kernels() -> bool:
-    try:
-        return importlib.util.find_spec("dynasparse.kernels.matmul") is not None
-    except ModuleNotFoundError:  # no dynasparse.kernels package at all
-        return False
-
-
-_HAS_TRITON_KERNELS = _has_triton_kernels()
+_HAS_TRITON_KERNELS = has_triton_kernels("matmul")
 
 
 # dynasparse.kernels needs triton: imported at the first Triton call, not before.

@@ -14,14 +14,13 @@ on `topk_mask`.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 
 import torch
 
 from .. import checks
 from ..reference import topk as reference
-from ._registry import Op
+from ._registry import Op, has_triton_kernels
 
 
 def _topk_mask_fake(scores, k, candidates=None):
@@ -40,16 +39,7 @@ def _nm_mask_fake(scores, n, m):
     return scores.new_empty(scores.shape, dtype=torch.bool)
 
 
-# The Triton kernels (dynasparse.kernels.topk) need triton: imported at the first Triton
-# call, not before. Where the module is absent, no Triton variant is registered.
-def _has_triton_kernels() -> bool:
-    try:
-        return importlib.util.find_spec("dynasparse.kernels.topk") is not None
-    except ModuleNotFoundError:  # no dynasparse.kernels package at all
-        return False
-
-
-_HAS_TRITON_KERNELS = _has_triton_kernels()
+_HAS_TRITON_KERNELS = has_triton_kernels("topk")
 
 
 def _topk_mask_triton(scores, k, candidates=None):
