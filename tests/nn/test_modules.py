@@ -86,6 +86,11 @@ def test_unbatched_conv_input():
     layer = SparseConv2d(3, 4, 3, sparsity=0.5)
     x = torch.randn(3, 7, 7)
     torch.testing.assert_close(layer(x), F.conv2d(x, masked_weight(layer), layer.bias))
+    reflect = SparseConv2d(3, 4, 3, padding=1, padding_mode="reflect", sparsity=0.5)
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), masked_weight(reflect), reflect.bias)
+    torch.testing.assert_close(reflect(x), expected)
+    with pytest.raises(ValueError, match="3-D \\(unbatched\\) or 4-D"):
+        layer(torch.randn(2, 2, 3, 7, 7))
 
 
 def test_state_dict_matches_dense_module_and_dense_checkpoints_load():

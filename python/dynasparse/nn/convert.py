@@ -114,7 +114,7 @@ def densify(model: nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         if name and isinstance(module, SparseTransposedLinear):
             with torch.no_grad():
-                module.weight.copy_(module.to_dense_weight())
+                module.weight.copy_(module.masked_weight())
             module.set_mask(torch.ones_like(module.mask))
             replaced.append(name)
         elif name and isinstance(module, SPARSE_MODULES):

@@ -94,6 +94,28 @@ class _SparseMixin:
             self.mask.copy_(mask)
         self._rebuild_plan()
 
+    def _adopt(self, module: nn.Module, sparsity: float, mask: torch.Tensor | None):
+        """Take `module`'s weight and bias, then `mask` or the magnitude mask at `sparsity`."""
+        check_sparsity(sparsity)
+        with torch.no_grad():
+            self.weight.copy_(module.weight)
+            if self.bias is not None:
+                self.bias.copy_(module.bias)
+        self.set_mask(mask if mask is not None else
+                      self._from_2d(magnitude_mask(self._weight_2d(), sparsity, self.layout)))
+        return self
+
+    def masked_weight(self) -> torch.Tensor:
+        """w * mask (pruned positions exactly 0, whatever w holds there)."""
+        return torch.where(self.mask, self.weight, 0)
+
+    def _fill_dense(self, dense: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            dense.weight.copy_(self.masked_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     @property
     def density(self) -> float:
         return float(self.mask.sum()) / max(self.mask.numel(), 1)
@@ -171,24 +193,13 @@ class SparseLinear(_SparseMixin, nn.Linear):
                    grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseLinear:
         """A SparseLinear sharing nothing with `module` but its values (same device, dtype)."""
         sparse = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
-                     dtype=module.weight.dtype, sparsity=0.0, layout=layout, grad_mode=grad_mode)
-        with torch.no_grad():
-            sparse.weight.copy_(module.weight)
-            if module.bias is not None:
-                sparse.bias.copy_(module.bias)
-        check_sparsity(sparsity)
-        sparse.set_mask(mask if mask is not None else magnitude_mask(sparse.weight, sparsity, layout))
-        return sparse
+                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
+        return sparse._adopt(module, sparsity, mask)
 
     def to_dense(self) -> nn.Linear:
         """The pruned layer as nn.Linear (weight * mask)."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
-                          dtype=self.weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(torch.where(self.mask, self.weight, 0))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return self._fill_dense(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                          device=self.weight.device, dtype=self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"
@@ -218,8 +229,13 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         super()._check_layout_fits()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4):
+            raise ValueError(f"dynasparse.SparseConv2d: expected a 3-D (unbatched) or 4-D input, got {x.dim()}-D")
         if self.groups != 1:
-            return self._conv_forward(x, torch.where(self.mask, self.weight, 0), self.bias)
+            return self._conv_forward(x, self.masked_weight(), self.bias)
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
@@ -227,11 +243,6 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             padding = self._same_padding()
         else:
             padding = self.padding
-        batched = x.dim() == 4
-        if not batched:
-            x = x.unsqueeze(0)
-        if not (batched or x.dim() == 4):
-            raise ValueError(f"dynasparse.SparseConv2d: expected a 3-D or 4-D input, got {x.dim() - 1}-D")
         n, _, height, width = x.shape
         kh, kw = self.kernel_size
         out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -261,27 +272,14 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         sparse = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                      padding=module.padding, dilation=module.dilation, groups=module.groups,
                      bias=module.bias is not None, padding_mode=module.padding_mode, device=module.weight.device,
-                     dtype=module.weight.dtype, sparsity=0.0, layout=layout, grad_mode=grad_mode)
-        with torch.no_grad():
-            sparse.weight.copy_(module.weight)
-            if module.bias is not None:
-                sparse.bias.copy_(module.bias)
-        check_sparsity(sparsity)
-        if mask is None:
-            mask = magnitude_mask(sparse._weight_2d(), sparsity, layout).reshape(sparse.weight.shape)
-        sparse.set_mask(mask)
-        return sparse
+                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
+        return sparse._adopt(module, sparsity, mask)
 
     def to_dense(self) -> nn.Conv2d:
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                          padding=self.padding, dilation=self.dilation, groups=self.groups,
-                          bias=self.bias is not None, padding_mode=self.padding_mode, device=self.weight.device,
-                          dtype=self.weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(torch.where(self.mask, self.weight, 0))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return self._fill_dense(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                                          padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                          bias=self.bias is not None, padding_mode=self.padding_mode,
+                                          device=self.weight.device, dtype=self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"
@@ -321,17 +319,7 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
         in_features, out_features = module.weight.shape
         sparse = cls(in_features, out_features, getattr(module, "bias", None) is not None,
                      device=module.weight.device, dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
-        with torch.no_grad():
-            sparse.weight.copy_(module.weight)
-            if sparse.bias is not None:
-                sparse.bias.copy_(module.bias)
-        check_sparsity(sparsity)
-        sparse.set_mask(mask if mask is not None else sparse._from_2d(
-            magnitude_mask(sparse._weight_2d(), sparsity, layout)))
-        return sparse
-
-    def to_dense_weight(self) -> torch.Tensor:
-        return torch.where(self.mask, self.weight, 0)
+        return sparse._adopt(module, sparsity, mask)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
