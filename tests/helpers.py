@@ -37,3 +37,17 @@ def poison_allocator(nbytes: int, device: str) -> None:
     if nbytes:
         block = torch.full((nbytes,), 0xA5, dtype=torch.uint8, device=device)
         del block
+
+
+def _run_rank(rank: int, run, world_size: int, init_file: str, results: list[str]) -> None:
+    run(rank, world_size, init_file, results[rank])
+
+
+def run_on_ranks(run, tmp_path, world_size: int = 2) -> list[dict]:
+    """Spawn `run(rank, world_size, init_file, result_file)` (a module-level function that
+    saves a state dict to result_file) on `world_size` CPU processes; their saved states."""
+    import torch.multiprocessing as mp
+
+    results = [str(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    mp.spawn(_run_rank, args=(run, world_size, str(tmp_path / "init"), results), nprocs=world_size, join=True)
+    return [torch.load(path, weights_only=True) for path in results]
