@@ -97,10 +97,9 @@ class MaskPlan:
         n, k = self.shape
         mask_t = mask.T
         if kernel == "panels":
-            self.size = _panel_width(mask.device, k)
+            self.size, self.size_t = _panel_width(mask.device, k), _panel_width(mask.device, n)
             self.index = ops.plan_panels(mask, self.size, backend=backend)
-            self.index_t = ops.plan_panels(mask_t, _panel_width(mask.device, n), backend=backend)
-            self.size_t = _panel_width(mask.device, n)
+            self.index_t = ops.plan_panels(mask_t, self.size_t, backend=backend)
         else:
             self.size = self.size_t = _tile(kernel, layout, block)
             self.index = ops.plan_blocks(mask, self.size, backend=backend)
