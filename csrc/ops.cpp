@@ -24,16 +24,25 @@ TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
 // buffer per param accumulating f(grad) = |grad| ("abs") or grad^2 ("square") at every
 // position, as a running sum (statistic_ema=None) or s = ema * s + (1 - ema) * f. Returns
 // the fp32 norms ||w - m * w|| after the step, one per param (0 for dense params).
+//
+// Packed values for the masked matmul: for each j, params[packed_params[j]] (which has a
+// mask), seen as [N, K] = [size(0), numel / size(0)], gets its updated values at the nonzeros
+// of the panel plan (packed_row_ptrs[j], packed_cols[j], packed_panels[j]) of its mask written
+// to packed_values[j] (fp32, in plan order: what pack_panels returns), so the next forward
+// needs no packing pass over w. The CPU kernel does it in the step's pass over each row;
+// the CUDA and Triton backends launch pack_panels after the step.
 TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
   m.set_python_module("dynasparse.ops.optim");
   m.def("sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, "
         "bool[] feedback, Tensor(c!)[] statistics, float lr, float momentum, float dampening, "
         "float weight_decay, bool nesterov, bool maximize, bool first_step, str statistic, "
-        "float? statistic_ema) -> Tensor");
+        "float? statistic_ema, int[] packed_params, Tensor(p!)[] packed_values, Tensor[] packed_row_ptrs, "
+        "Tensor[] packed_cols, int[] packed_panels) -> Tensor");
   m.def("adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] masks, bool[] feedback, Tensor(e!)[] statistics, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool amsgrad, "
-        "bool maximize, str statistic, float? statistic_ema) -> Tensor");
+        "bool maximize, str statistic, float? statistic_ema, int[] packed_params, Tensor(p!)[] packed_values, "
+        "Tensor[] packed_row_ptrs, Tensor[] packed_cols, int[] packed_panels) -> Tensor");
 }
 
 // Top-k selection: exact k, O(n) radix select (no sort), deterministic: among equal scores

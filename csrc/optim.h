@@ -10,7 +10,10 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
+#include "matmul.h"
 #include "optim_math.h"
 
 namespace dynasparse {
@@ -90,6 +93,46 @@ inline StatisticRule check_step_inputs(const char* op, at::TensorList params, at
     rule.add = static_cast<float>(1.0 - ema);
   }
   return rule;
+}
+
+// A param with packed values, seen as the [N, K] matrix its panel plan describes.
+inline std::pair<int64_t, int64_t> packed_matrix_shape(const at::Tensor& param) {
+  const int64_t n = param.size(0);
+  int64_t k = 1;
+  for (int64_t d = 1; d < param.dim(); ++d) k *= param.size(d);
+  return {n, k};
+}
+
+inline void check_step_packing(const char* op, at::TensorList params, const OptionalTensorList& masks,
+                               at::IntArrayRef packed_params, at::TensorList packed_values,
+                               at::TensorList packed_row_ptrs, at::TensorList packed_cols,
+                               at::IntArrayRef packed_panels) {
+  const size_t count = packed_params.size();
+  TORCH_CHECK_VALUE(packed_values.size() == count && packed_row_ptrs.size() == count &&
+                        packed_cols.size() == count && packed_panels.size() == count,
+                    "dynasparse.", op, ": packed_params, packed_values, packed_row_ptrs, packed_cols and "
+                    "packed_panels must have the same length, got ", count, ", ", packed_values.size(), ", ",
+                    packed_row_ptrs.size(), ", ", packed_cols.size(), " and ", packed_panels.size());
+  std::vector<bool> listed(params.size(), false);
+  for (size_t j = 0; j < count; ++j) {
+    const int64_t i = packed_params[j];
+    TORCH_CHECK_VALUE(i >= 0 && i < static_cast<int64_t>(params.size()), "dynasparse.", op, ": packed_params[", j,
+                      "] = ", i, " is not the index of a param (there are ", params.size(), ")");
+    TORCH_CHECK_VALUE(!listed[i], "dynasparse.", op, ": params[", i, "] is listed twice in packed_params");
+    listed[i] = true;
+    TORCH_CHECK_VALUE(masks.get(i).has_value(), "dynasparse.", op, ": params[", i,
+                      "] has packed values but no mask (they are packed by the plan of its mask)");
+    const at::Tensor& param = params[i];
+    TORCH_CHECK_VALUE(param.dim() >= 1, "dynasparse.", op, ": params[", i,
+                      "] is 0-d; packed values need a param seen as [size(0), numel / size(0)]");
+    const auto [n, k] = packed_matrix_shape(param);
+    check_panel_plan(op, packed_row_ptrs[j], packed_cols[j], packed_panels[j], n, k, param, "the param");
+    TORCH_CHECK_TYPE(packed_values[j].scalar_type() == at::kFloat, "dynasparse.", op, ": packed_values[", j,
+                     "] must be torch.float32 (the param's dtype), got ", packed_values[j].scalar_type());
+    check_panel_values(op, packed_values[j], packed_cols[j]);
+    TORCH_CHECK_VALUE(packed_values[j].is_contiguous(), "dynasparse.", op, ": packed_values[", j,
+                      "] must be contiguous (it is written in place)");
+  }
 }
 
 inline SgdScalars check_sgd(at::TensorList params, at::TensorList momentum_buffers, double lr, double momentum,

@@ -115,10 +115,23 @@ def _mask_arguments(masks, feedback, placeholder):
             for i, mask in enumerate(masks)]
 
 
+def _pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels) -> None:
+    # The flat step kernels do not know where a row's plan nonzeros start: the packed values
+    # come from the pack_panels op (CUDA C++) after the step, on the same stream.
+    for i, values, row_ptr, cols, panel in zip(packed_params, packed_values, packed_row_ptrs, packed_cols,
+                                               packed_panels):
+        param = params[i]
+        values.copy_(torch.ops.dynasparse.pack_panels(param.view(checks.packed_matrix_shape(param)), row_ptr, cols,
+                                                      panel))
+
+
 def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, momentum, dampening, weight_decay,
-             nesterov, maximize, first_step, statistic, statistic_ema):
+             nesterov, maximize, first_step, statistic, statistic_ema, packed_params, packed_values, packed_row_ptrs,
+             packed_cols, packed_panels):
     checks.check_step_inputs("sgd_step", params, grads, masks, feedback, statistics, statistic, statistic_ema)
     checks.check_sgd(params, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov)
+    checks.check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
+                              packed_panels)
     placeholder = torch.ones(1, dtype=torch.uint8, device=params[0].device)
     mask_args = _mask_arguments(masks, feedback, placeholder)
     keep, add = _statistic_coefficients(statistic_ema)
@@ -133,14 +146,19 @@ def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, m
             tensor_feedback, int(nesterov), int(first_step), _STATISTIC_KIND[statistic],
             BLOCK=BLOCK, num_warps=NUM_WARPS)
 
-    return _launch_each(params, launch)
+    norms = _launch_each(params, launch)
+    _pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels)
+    return norms
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, feedback, statistics, lr, beta1, beta2,
-               eps, weight_decay, step, amsgrad, maximize, statistic, statistic_ema):
+               eps, weight_decay, step, amsgrad, maximize, statistic, statistic_ema, packed_params, packed_values,
+               packed_row_ptrs, packed_cols, packed_panels):
     checks.check_step_inputs("adamw_step", params, grads, masks, feedback, statistics, statistic, statistic_ema)
     checks.check_adamw(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
                        amsgrad)
+    checks.check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
+                              packed_panels)
     placeholder = torch.ones(1, dtype=torch.uint8, device=params[0].device)
     mask_args = _mask_arguments(masks, feedback, placeholder)
     keep, add = _statistic_coefficients(statistic_ema)
@@ -157,7 +175,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, fee
             keep, add, has_mask, tensor_feedback, int(amsgrad), _STATISTIC_KIND[statistic],
             BLOCK=BLOCK, num_warps=NUM_WARPS)
 
-    return _launch_each(params, launch)
+    norms = _launch_each(params, launch)
+    _pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels)
+    return norms
 
 
 def _specs(kernel, pointers: list[str], floats: list[str], flags: list[str]) -> list[dict]:

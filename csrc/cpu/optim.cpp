@@ -4,7 +4,9 @@
 // over the spans of all tensors (multi-tensor apply), each span doing the whole step in one
 // pass over weight, grad, state, mask and statistic (loops the compiler vectorizes). Each
 // span returns its share of ||w - m * w||^2 in double, and the shares are added per tensor
-// in span order, so the norms do not depend on the thread count.
+// in span order, so the norms do not depend on the thread count. Tensors whose packed values
+// are asked for are cut at row boundaries instead, and a span gathers the values at its rows'
+// plan nonzeros right after updating them, from cache rather than a second pass over memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -14,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -43,6 +46,13 @@ struct TensorPointers {
   bool feedback;
   float* statistic;
   float* state[3];
+  // Packed values (null when not asked for) and the panel plan, of the param as [rows, row_length].
+  float* packed;
+  const int64_t* row_ptr;
+  const int16_t* cols;
+  int64_t rows;
+  int64_t row_length;
+  int64_t panel;
 };
 
 template <typename Fn>
@@ -65,9 +75,17 @@ struct Prepared {
   std::vector<TensorPointers> tensors;
 };
 
+struct Packing {
+  at::IntArrayRef params;
+  at::TensorList values;
+  at::TensorList row_ptrs;
+  at::TensorList cols;
+  at::IntArrayRef panels;
+};
+
 Prepared prepare(at::TensorList params, at::TensorList grads, const OptionalTensorList& masks,
                  const c10::List<bool>& feedback, at::TensorList statistics,
-                 std::initializer_list<at::TensorList> state_lists) {
+                 std::initializer_list<at::TensorList> state_lists, const Packing& packing) {
   Prepared prepared;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor grad = grads[i].contiguous();
@@ -81,14 +99,42 @@ Prepared prepare(at::TensorList params, at::TensorList grads, const OptionalTens
                             mask_contiguous.defined() ? mask_contiguous.data_ptr<bool>() : nullptr,
                             feedback.get(i),
                             statistics.empty() ? nullptr : statistics[i].data_ptr<float>(),
-                            {nullptr, nullptr, nullptr}};
+                            {nullptr, nullptr, nullptr},
+                            nullptr,
+                            nullptr,
+                            nullptr,
+                            0,
+                            0,
+                            0};
     int slot = 0;
     for (const at::TensorList& list : state_lists) {
       pointers.state[slot++] = list.empty() ? nullptr : list[i].data_ptr<float>();
     }
     prepared.tensors.push_back(pointers);
   }
+  for (size_t j = 0; j < packing.params.size(); ++j) {
+    TensorPointers& pointers = prepared.tensors[packing.params[j]];
+    std::tie(pointers.rows, pointers.row_length) = packed_matrix_shape(params[packing.params[j]]);
+    pointers.packed = packing.values[j].data_ptr<float>();
+    pointers.row_ptr = packing.row_ptrs[j].const_data_ptr<int64_t>();
+    pointers.cols = packing.cols[j].const_data_ptr<int16_t>();
+    pointers.panel = packing.panels[j];
+  }
   return prepared;
+}
+
+// packed[q] = the updated weight at plan nonzero q, for the nonzeros of rows [row_begin, row_end).
+void pack_rows(const TensorPointers& t, int64_t row_begin, int64_t row_end) {
+  const int64_t panels = panel_count(t.row_length, t.panel);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* panel_start = t.weight + row * t.row_length + p * t.panel;
+      const int64_t segment = p * t.rows + row;
+      for (int64_t q = t.row_ptr[segment]; q < t.row_ptr[segment + 1]; ++q) {
+        t.packed[q] = panel_start[static_cast<uint16_t>(t.cols[q])];
+      }
+    }
+  }
 }
 
 // Runs span_error(tensor pointers, begin, end) -> double over every span in one parallel
@@ -98,15 +144,20 @@ at::Tensor run_spans(at::TensorList params, const std::vector<TensorPointers>& t
   std::vector<Span> spans;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t numel = params[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kSpanElements) {
-      spans.push_back({i, begin, std::min(numel, begin + kSpanElements)});
+    const int64_t row_length = std::max<int64_t>(tensors[i].row_length, 1);
+    const int64_t length =
+        tensors[i].packed ? std::max<int64_t>(1, kSpanElements / row_length) * row_length : kSpanElements;
+    for (int64_t begin = 0; begin < numel; begin += length) {
+      spans.push_back({i, begin, std::min(numel, begin + length)});
     }
   }
   std::vector<double> shares(spans.size());
   at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t index = first; index < last; ++index) {
       const Span& span = spans[index];
-      shares[index] = span_error(tensors[span.tensor], span.begin, span.end);
+      const TensorPointers& t = tensors[span.tensor];
+      shares[index] = span_error(t, span.begin, span.end);
+      if (t.packed) pack_rows(t, span.begin / t.row_length, span.end / t.row_length);
     }
   });
   std::vector<double> sums(params.size(), 0.0);
@@ -190,12 +241,17 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         const OptionalTensorList& masks, const c10::List<bool>& feedback,
                         at::TensorList statistics, double lr, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first_step,
-                        c10::string_view statistic, std::optional<double> statistic_ema) {
+                        c10::string_view statistic, std::optional<double> statistic_ema,
+                        at::IntArrayRef packed_params, at::TensorList packed_values, at::TensorList packed_row_ptrs,
+                        at::TensorList packed_cols, at::IntArrayRef packed_panels) {
   const StatisticRule rule = check_step_inputs("sgd_step", params, grads, masks, feedback, statistics,
                                                std::string_view(statistic.data(), statistic.size()), statistic_ema);
   const SgdScalars scalars =
       check_sgd(params, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
-  const Prepared prepared = prepare(params, grads, masks, feedback, statistics, {momentum_buffers});
+  check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
+                     packed_panels);
+  const Prepared prepared = prepare(params, grads, masks, feedback, statistics, {momentum_buffers},
+                                    {packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels});
   const bool with_momentum = !momentum_buffers.empty();
   const bool with_statistic = !statistics.empty();
   return run_spans(params, prepared.tensors, [&](const TensorPointers& t, int64_t begin, int64_t end) {
@@ -217,13 +273,18 @@ at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           const OptionalTensorList& masks, const c10::List<bool>& feedback,
                           at::TensorList statistics, double lr, double beta1, double beta2, double eps,
                           double weight_decay, int64_t step, bool amsgrad, bool maximize,
-                          c10::string_view statistic, std::optional<double> statistic_ema) {
+                          c10::string_view statistic, std::optional<double> statistic_ema,
+                          at::IntArrayRef packed_params, at::TensorList packed_values,
+                          at::TensorList packed_row_ptrs, at::TensorList packed_cols, at::IntArrayRef packed_panels) {
   const StatisticRule rule = check_step_inputs("adamw_step", params, grads, masks, feedback, statistics,
                                                std::string_view(statistic.data(), statistic.size()), statistic_ema);
   const AdamwScalars scalars = check_adamw(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
                                            weight_decay, step, amsgrad, maximize);
+  check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
+                     packed_panels);
   const Prepared prepared =
-      prepare(params, grads, masks, feedback, statistics, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
+      prepare(params, grads, masks, feedback, statistics, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+              {packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels});
   const bool with_statistic = !statistics.empty();
   return run_spans(params, prepared.tensors, [&](const TensorPointers& t, int64_t begin, int64_t end) {
     return with_grad_type(t.grad_type, [&](auto grad_tag) {

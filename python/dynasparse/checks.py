@@ -100,6 +100,49 @@ def check_step_inputs(op: str, params, grads, masks, feedback, statistics, stati
         raise ValueError(f"dynasparse.{op}: statistic_ema must be in [0, 1), got {statistic_ema}")
 
 
+def packed_matrix_shape(param: torch.Tensor) -> tuple[int, int]:
+    """A param with packed values, seen as the [N, K] matrix its panel plan describes."""
+    n = param.shape[0]
+    k = 1
+    for size in param.shape[1:]:
+        k *= size
+    return n, k
+
+
+def check_step_packing(op: str, params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
+                       packed_panels) -> None:
+    count = len(packed_params)
+    if not (len(packed_values) == count and len(packed_row_ptrs) == count and len(packed_cols) == count
+            and len(packed_panels) == count):
+        raise ValueError(f"dynasparse.{op}: packed_params, packed_values, packed_row_ptrs, packed_cols and "
+                         f"packed_panels must have the same length, got {count}, {len(packed_values)}, "
+                         f"{len(packed_row_ptrs)}, {len(packed_cols)} and {len(packed_panels)}")
+    listed = set()
+    for j, i in enumerate(packed_params):
+        if not 0 <= i < len(params):
+            raise ValueError(f"dynasparse.{op}: packed_params[{j}] = {i} is not the index of a param "
+                             f"(there are {len(params)})")
+        if i in listed:
+            raise ValueError(f"dynasparse.{op}: params[{i}] is listed twice in packed_params")
+        listed.add(i)
+        if masks[i] is None:
+            raise ValueError(f"dynasparse.{op}: params[{i}] has packed values but no mask "
+                             "(they are packed by the plan of its mask)")
+        param = params[i]
+        if param.dim() < 1:
+            raise ValueError(f"dynasparse.{op}: params[{i}] is 0-d; packed values need a param seen as "
+                             "[size(0), numel / size(0)]")
+        n, k = packed_matrix_shape(param)
+        check_panel_plan(op, packed_row_ptrs[j], packed_cols[j], packed_panels[j], n, k, param, "the param")
+        values = packed_values[j]
+        if values.dtype != torch.float32:
+            raise TypeError(f"dynasparse.{op}: packed_values[{j}] must be torch.float32 (the param's dtype), "
+                            f"got {_dtype_name(values.dtype)}")
+        _check_panel_values(op, values, packed_cols[j])
+        if not values.is_contiguous():
+            raise ValueError(f"dynasparse.{op}: packed_values[{j}] must be contiguous (it is written in place)")
+
+
 def check_sgd(params, momentum_buffers, lr: float, momentum: float, dampening: float, weight_decay: float,
               nesterov: bool) -> None:
     if lr < 0.0:

@@ -149,6 +149,23 @@ class MaskPlan:
             self._values_key = key
         return self._values
 
+    def packed_target(self, weight: torch.Tensor) -> tuple | None:
+        """(values, row_ptr, cols, panel) for a fused optimizer step to write w's packed values
+        into (`packed=` of dynasparse.ops.sgd_step / adamw_step), or None where this plan does
+        not read panel-packed fp32 values. Until `packed_written(weight)` the cache is invalid."""
+        self._check_weight(weight)
+        if self.kernel != "panels" or weight.dtype != torch.float32:
+            return None
+        nonzeros = self.index[1].numel()
+        if self._values is None or self._values.dtype != torch.float32 or self._values.numel() != nonzeros:
+            self._values = torch.empty(nonzeros, dtype=torch.float32, device=weight.device)
+        self._values_key = None
+        return self._values, self.index[0], self.index[1], self.size
+
+    def packed_written(self, weight: torch.Tensor) -> None:
+        """The step that `packed_target(weight)` was given to has written w's packed values."""
+        self._values_key = _version_key(weight)
+
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         if self.kernel == "panels":
             return ops.pack_panels(weight, *self.index, self.size, backend=self.backend)

@@ -185,6 +185,38 @@ def test_sparse_masks_drive_the_fused_optimizer():
         assert (layer.weight[~layer.mask] == 0).all()
 
 
+@pytest.mark.parametrize("optimizer_class", [dynasparse.optim.SGD, dynasparse.optim.AdamW])
+@pytest.mark.parametrize("grad_mode", ["feedback", "masked"])
+def test_the_step_writes_the_packed_values_the_next_forward_reads(optimizer_class, grad_mode, monkeypatch):
+    seeded(10)
+    linear = SparseLinear(300, 37, sparsity=0.8, grad_mode=grad_mode)
+    conv = SparseConv2d(3, 5, 3, padding=1, sparsity=0.7, grad_mode=grad_mode)
+    transposed = SparseTransposedLinear(37, 11, sparsity=0.6, grad_mode=grad_mode)  # no packing: rows differ
+    layers = nn.ModuleList([linear, conv, transposed])
+    optimizer = optimizer_class(layers.parameters(), lr=0.05, masks=sparse_masks(layers))
+    x, images = torch.randn(6, 300), torch.randn(2, 3, 7, 7)
+
+    def loss():
+        return linear(x).square().mean() + conv(images).square().mean() + transposed(linear(x)).square().mean()
+
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    repacked = []
+    original_pack = dynasparse.MaskPlan._pack
+    monkeypatch.setattr(dynasparse.MaskPlan, "_pack",
+                        lambda plan, weight: repacked.append(plan.shape) or original_pack(plan, weight))
+    with torch.no_grad():
+        outputs = [linear(x), conv(images), transposed(x[:, :37])]
+    assert repacked == [(11, 37)]  # only the transposed layer packs w again
+    expected = [x.double() @ masked_weight(linear).double().T + linear.bias.double(),
+                F.conv2d(images.double(), masked_weight(conv).double(), conv.bias.double(), padding=1),
+                x[:, :37].double() @ masked_weight(transposed).double() + transposed.bias.double()]
+    for ours, exact in zip(outputs, expected):
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_sparsify_transformers_models_built_from_a_config(family):
     transformers = pytest.importorskip("transformers")

@@ -13,8 +13,9 @@ import zlib
 import pytest
 import torch
 
-from dynasparse import ops
+from dynasparse import checks, ops
 from dynasparse.ops import optim as optim_ops
+from dynasparse.reference import matmul as matmul_reference
 from tests.helpers import CUDA, backend_device_params
 
 BACKENDS = backend_device_params("sgd_step") + [pytest.param("reference", "cpu", id="reference")]
@@ -344,11 +345,13 @@ def _opcheck_args(kind, device):
     masks = [(torch.rand(shapes[0], generator=generator) < 0.5).to(device), None]
     statistics = [torch.zeros(s, device=device) for s in shapes]
     state = [torch.rand(s, generator=generator).to(device) for s in shapes]
+    row_ptr, cols = ops.plan_panels(masks[0], 4, backend="reference")
+    packing = ([0], [torch.zeros(cols.numel(), device=device)], [row_ptr], [cols], [4])
     if kind == "sgd":
         return (params, grads, state, masks, [True, False], statistics, 0.1, 0.9, 0.0, 0.01, True, False, False,
-                "abs", 0.5)
+                "abs", 0.5, *packing)
     return (params, grads, state, [s.clone() for s in state], [s.clone() for s in state], masks, [False, False],
-            statistics, 0.1, 0.9, 0.999, 1e-8, 0.01, 3, True, True, "square", None)
+            statistics, 0.1, 0.9, 0.999, 1e-8, 0.01, 3, True, True, "square", None, *packing)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -368,19 +371,23 @@ def test_compiles_fullgraph(backend, device):
     eager = [[t.clone() if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, list) else a
              for a in args]
 
-    def step(params, grads, buffers, masks, statistics):
+    _, packed_values, row_ptrs, cols, panels = args[-5:]
+
+    def step(params, grads, buffers, masks, statistics, values):
         return ops.sgd_step(params, grads, buffers, masks, [True, False], statistics, lr=0.1, momentum=0.9,
-                            weight_decay=0.01, nesterov=True, statistic="abs", statistic_ema=0.5, backend=backend)
+                            weight_decay=0.01, nesterov=True, statistic="abs", statistic_ema=0.5,
+                            packed={0: (values, row_ptrs[0], cols[0], panels[0])}, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
-    norms = compiled(args[0], args[1], args[2], args[3], args[5])
-    expected = step(eager[0], eager[1], eager[2], eager[3], eager[5])
+    norms = compiled(args[0], args[1], args[2], args[3], args[5], packed_values[0])
+    expected = step(eager[0], eager[1], eager[2], eager[3], eager[5], eager[-4][0])
     # The kernels are opaque to the compiler: bit for bit. The reference is plain torch that
     # inductor fuses, which may round differently.
     same = torch.equal if backend != "reference" else lambda a, b: torch.testing.assert_close(a, b) is None
     assert same(norms, expected)
-    for ours, theirs in zip(args[0] + args[2] + args[5], eager[0] + eager[2] + eager[5]):
+    for ours, theirs in zip(args[0] + args[2] + args[5] + packed_values, eager[0] + eager[2] + eager[5] + eager[-4]):
         assert same(ours, theirs)
+    assert torch.equal(packed_values[0], matmul_reference.pack_panels(args[0][0], row_ptrs[0], cols[0], panels[0]))
 
 
 @pytest.mark.gpu
@@ -422,3 +429,91 @@ def test_steps_bump_the_version_counters_of_what_they_write(backend, device):
     before = (param._version, exp_avg._version, exp_avg_sq._version)
     ops.adamw_step([param], [grad], [exp_avg], [exp_avg_sq], lr=0.1, step=1, backend=backend)
     assert all(after > old for after, old in zip((param._version, exp_avg._version, exp_avg_sq._version), before))
+
+
+# Packed values for the masked matmul, written by the step ----------------------------------
+
+PACKED_SHAPES = [((37, 301), 64), ((5, 3, 3, 3), 256), ((3, 20000), 256), ((4, 9), 2), ((0, 6), 4)]
+
+
+def _packed_case(device, generator):
+    """Params with packed values (odd shapes, a conv weight, rows longer than a CPU span, panels
+    narrower than a row, an empty one), plus a packed param with an all-zero mask, a masked one
+    without packing and a dense one."""
+    params, masks, packed = [], [], {}
+    for shape, panel in PACKED_SHAPES + [((6, 10), 4)]:
+        params.append(torch.randn(shape, generator=generator).to(device))
+        density = 0.0 if len(params) == len(PACKED_SHAPES) + 1 else 0.3
+        masks.append((torch.rand(shape, generator=generator) < density).to(device))
+        row_ptr, cols = ops.plan_panels(masks[-1].view(checks.packed_matrix_shape(masks[-1])), panel,
+                                        backend="reference")
+        values = torch.full((cols.numel(),), float("nan"), device=device)  # every entry must be written
+        packed[len(params) - 1] = (values, row_ptr.to(device), cols.to(device), panel)
+    params += [torch.randn(7, 11, generator=generator).to(device), torch.randn(13, generator=generator).to(device)]
+    masks += [(torch.rand(7, 11, generator=generator) < 0.5).to(device), None]
+    return params, masks, packed
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("mode", ["masked", "feedback"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_step_writes_the_packed_values_of_the_updated_weights(kind, mode, backend, device):
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{kind}{mode}{backend}".encode()))
+    params, masks, packed = _packed_case(device, generator)
+    unpacked = [p.clone() for p in params]
+    feedback = [mode == "feedback" and m is not None for m in masks]
+
+    def state():
+        return [torch.zeros_like(p) for p in params]
+
+    states, states_unpacked = (state(), state(), state()), (state(), state(), state())
+    for step in range(1, 4):
+        grads = [torch.randn(p.shape, generator=generator).to(device) for p in params]
+        for run_params, run_states, run_packed in [(params, states, packed), (unpacked, states_unpacked, None)]:
+            if kind == "sgd":
+                ops.sgd_step(run_params, grads, run_states[0], masks, feedback, lr=0.1, momentum=0.9,
+                             weight_decay=0.01, nesterov=True, first_step=step == 1, packed=run_packed,
+                             backend=backend)
+            else:
+                ops.adamw_step(run_params, grads, run_states[0], run_states[1], run_states[2], masks, feedback,
+                               lr=0.01, step=step, amsgrad=True, packed=run_packed, backend=backend)
+        # Packing changes nothing else the step writes...
+        for ours, plain in zip(params + [t for s in states for t in s], unpacked + [t for s in states_unpacked for t in s]):
+            assert torch.equal(ours, plain)
+        # ...and the packed values are the updated weights at the plan's nonzeros, bit for bit.
+        for i, (values, row_ptr, cols, panel) in packed.items():
+            weight = params[i].view(checks.packed_matrix_shape(params[i])).cpu()
+            expected = matmul_reference.pack_panels(weight, row_ptr.cpu(), cols.cpu(), panel)
+            assert torch.equal(values.cpu(), expected), (i, step)
+
+
+BAD_PACKING = [
+    (lambda p: dict(packed_params=[0, 0]), "listed twice in packed_params"),
+    (lambda p: dict(packed_params=[3]), r"packed_params\[0\] = 3 is not the index of a param \(there are 2\)"),
+    (lambda p: dict(packed_params=[1]), r"params\[1\] has packed values but no mask"),
+    (lambda p: dict(packed_panels=[8]), "a plan built for another shape or panel width"),
+    (lambda p: dict(packed_values=[p["packed_values"][0].double()]), r"packed_values\[0\] must be torch.float32"),
+    (lambda p: dict(packed_values=[p["packed_values"][0][1:]]), "one entry per plan nonzero"),
+    (lambda p: dict(packed_row_ptrs=[p["packed_row_ptrs"][0].int()]), "row_ptr must be Long"),
+    (lambda p: dict(packed_cols=[]), "must have the same length"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_PACKING)))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bad_packing_is_rejected_alike_on_every_backend(case, backend, device):
+    overrides, message = BAD_PACKING[case]
+    mask = torch.rand(6, 7) < 0.5
+    row_ptr, cols = ops.plan_panels(mask, 4, backend="reference")
+    packing = dict(packed_params=[0, 0][:1], packed_values=[torch.zeros(cols.numel(), device=device)],
+                   packed_row_ptrs=[row_ptr.to(device)], packed_cols=[cols.to(device)], packed_panels=[4])
+    duplicated = overrides(packing)
+    if duplicated.get("packed_params") == [0, 0]:
+        packing = {key: value * 2 for key, value in packing.items()}
+    packing.update(duplicated)
+    params = [torch.zeros(6, 7, device=device), torch.zeros(3, device=device)]
+    exception = TypeError if "must be torch.float32" in message or "must be Long" in message else ValueError
+    with pytest.raises(exception, match=message):
+        optim_ops._sgd(params, [torch.zeros_like(p) for p in params], [], [mask.to(device), None], [False, False],
+                       [], 0.1, 0.0, 0.0, 0.0, False, False, False, "none", None, *packing.values(),
+                       backend=backend)

@@ -125,9 +125,10 @@ def densify(model: nn.Module) -> list[str]:
     return replaced
 
 
-def sparse_masks(model: nn.Module) -> dict[torch.Tensor, tuple[torch.Tensor, str]]:
-    """{weight: (mask, grad_mode)} of every sparse layer: the `masks=` argument of
+def sparse_masks(model: nn.Module) -> dict[torch.Tensor, tuple[torch.Tensor, str, Callable]]:
+    """{weight: (mask, grad_mode, packing_plan)} of every sparse layer: the `masks=` argument of
     dynasparse.optim.SGD / AdamW, which then keep pruned weights and state at zero in
-    "masked" mode and update every weight in "feedback" mode."""
-    return {module.weight: (module.mask, module.grad_mode) for module in model.modules()
+    "masked" mode, update every weight in "feedback" mode, and write the packed values the
+    layer's next forward reads in the same step."""
+    return {module.weight: (module.mask, module.grad_mode, module.packing_plan) for module in model.modules()
             if isinstance(module, SPARSE_MODULES)}

@@ -133,6 +133,11 @@ class _SparseMixin:
             self._rebuild_plan()
         return self._plan
 
+    def packing_plan(self) -> MaskPlan | None:
+        """The plan whose packed values a fused optimizer step may write from `weight` seen as
+        [size(0), numel / size(0)], i.e. when that is the matrix the plan multiplies."""
+        return self.plan()
+
     def _rebuild_plan(self) -> None:
         # A view of the buffer: it shares the buffer's version counter.
         self._plan = MaskPlan(self._mask_2d(), self._layout_kind, block=self._block)
@@ -308,6 +313,10 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
 
     def _from_2d(self, mask_2d: torch.Tensor) -> torch.Tensor:
         return mask_2d.T.contiguous()
+
+    def packing_plan(self) -> None:
+        # The plan multiplies weight.T: the stored rows are not its rows.
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._sparse_linear(x, self.weight.T, self.bias)

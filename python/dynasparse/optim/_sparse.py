@@ -1,7 +1,9 @@
 """What SGD and AdamW share: which parameters are sparse and how, statistics, error norms.
 
 A parameter's mask and mode come from `masks={param: (mask, mode)}` or `set_mask`; the sparse
-modules register themselves through `set_mask`. Masks, statistics and error norms belong to the
+modules register themselves through `set_mask`, also giving their `packing_plan`: where it
+returns a MaskPlan that reads panel-packed values, the step writes them (no packing pass in the
+next forward). Masks, statistics and error norms belong to the
 pruning side and are not part of `state_dict()`, which stays exactly torch.optim's, so
 checkpoints load both ways. Only fp32 parameters run the fused op (and gather statistics);
 others take torch's functional implementation and cannot be sparse.
@@ -11,10 +13,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import checks
+
+if TYPE_CHECKING:
+    from ..layout import MaskPlan
 
 MODES = ("masked", "feedback")
 
@@ -22,7 +28,7 @@ MODES = ("masked", "feedback")
 class SparseOptimizerMixin:
     """Mask bookkeeping for an optimizer subclassing a torch.optim optimizer."""
 
-    def _init_sparse(self, masks: Mapping[torch.Tensor, tuple[torch.Tensor, str]] | None, statistic: str | None,
+    def _init_sparse(self, masks: Mapping[torch.Tensor, tuple] | None, statistic: str | None,
                      statistic_ema: float | None) -> None:
         statistic = "none" if statistic is None else statistic
         if statistic not in checks.STATISTICS:
@@ -33,18 +39,23 @@ class SparseOptimizerMixin:
         self.statistic_ema = statistic_ema
         # Keyed by the parameter tensor itself (tensors hash by identity).
         self._masks: dict[torch.Tensor, tuple[torch.Tensor, str]] = {}
+        self._packing_plans: dict[torch.Tensor, Callable[[], MaskPlan | None]] = {}
         self._statistics: dict[torch.Tensor, torch.Tensor] = {}
         self._error_norms: dict[torch.Tensor, torch.Tensor] = {}
-        for param, (mask, mode) in (masks or {}).items():
-            self.set_mask(param, mask, mode)
+        for param, spec in (masks or {}).items():
+            self.set_mask(param, *spec)
 
     def _owns(self, param: torch.Tensor) -> bool:
         return any(p is param for group in self.param_groups for p in group["params"])
 
-    def set_mask(self, param: torch.Tensor, mask: torch.Tensor, mode: str = "masked") -> None:
+    def set_mask(self, param: torch.Tensor, mask: torch.Tensor, mode: str = "masked",
+                 packing_plan: Callable[[], MaskPlan | None] | None = None) -> None:
         """Make `param` sparse: `mask` (bool, shaped like it) marks the active weights; `mode` is
         "masked" (pruned weights and their state kept exactly zero, from the next step on) or
-        "feedback" (DPF: every weight is updated by the gradient taken at m * w)."""
+        "feedback" (DPF: every weight is updated by the gradient taken at m * w).
+        `packing_plan`: returns the current MaskPlan of `mask` over `param` seen as
+        [size(0), numel / size(0)] (a sparse layer's `packing_plan`), or None; each step then
+        writes the packed values that plan's next forward reads."""
         name = type(self).__name__
         if not self._owns(param):
             raise ValueError(f"{name}.set_mask: the parameter (shape {list(param.shape)}) is not in this optimizer")
@@ -61,11 +72,19 @@ class SparseOptimizerMixin:
             raise ValueError(f"{name}.set_mask: mask is on {mask.device} but the parameter is on {param.device}")
         if mode not in MODES:
             raise ValueError(f"{name}.set_mask: mode must be 'masked' or 'feedback', got {mode!r}")
+        if packing_plan is not None and not callable(packing_plan):
+            raise TypeError(f"{name}.set_mask: packing_plan must be a callable returning a MaskPlan or None "
+                            f"(a sparse layer's packing_plan method), got {type(packing_plan).__name__}")
         self._masks[param] = (mask, mode)
+        if packing_plan is None:
+            self._packing_plans.pop(param, None)
+        else:
+            self._packing_plans[param] = packing_plan
 
     def clear_mask(self, param: torch.Tensor) -> None:
         """Make `param` dense again."""
         self._masks.pop(param, None)
+        self._packing_plans.pop(param, None)
         self._error_norms.pop(param, None)
 
     def mask(self, param: torch.Tensor) -> tuple[torch.Tensor, str] | None:
@@ -100,8 +119,8 @@ class SparseOptimizerMixin:
 
     def _fused_step(self, params: list[torch.Tensor], call: Callable[..., torch.Tensor],
                     key: Callable[[torch.Tensor], object] = lambda param: None) -> None:
-        """Run `call(params, grads, masks, feedback, statistics, key)` once per (device, key(param))
-        batch, and keep the error norms it returns for the sparse parameters."""
+        """Run `call(params, grads, masks, feedback, statistics, packed, key)` once per
+        (device, key(param)) batch, and keep the error norms it returns for the sparse parameters."""
         batches: dict[object, list[torch.Tensor]] = defaultdict(list)
         for param in params:
             batches[(param.device, key(param))].append(param)
@@ -112,10 +131,28 @@ class SparseOptimizerMixin:
                 masks.append(mask)
                 feedback.append(mode == "feedback")
             statistics = [] if self.statistic == "none" else [self._statistic_buffer(p) for p in batch]
-            norms = call(batch, [p.grad for p in batch], masks, feedback, statistics, batch_key)
+            packed, written = self._packing_targets(batch, masks)
+            norms = call(batch, [p.grad for p in batch], masks, feedback, statistics, packed, batch_key)
+            for plan, weight in written:
+                plan.packed_written(weight)
             for i, param in enumerate(batch):
                 if masks[i] is not None:
                     self._error_norms[param] = norms[i]
+
+    def _packing_targets(self, batch: list[torch.Tensor], masks: list[torch.Tensor | None]):
+        """({index in batch: packed target}, [(plan, weight view) to tell once written])."""
+        packed, written = {}, []
+        for i, param in enumerate(batch):
+            source = self._packing_plans.get(param)
+            plan = source() if source is not None and masks[i] is not None else None
+            if plan is None:
+                continue
+            weight = param.view(plan.shape)
+            target = plan.packed_target(weight)
+            if target is not None:
+                packed[i] = target
+                written.append((plan, weight))
+        return packed, written
 
     def _statistic_buffer(self, param: torch.Tensor) -> torch.Tensor:
         if param not in self._statistics:

@@ -20,7 +20,7 @@ class AdamW(SparseOptimizerMixin, torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 masks: Mapping[torch.Tensor, tuple[torch.Tensor, str]] | None = None, statistic: str | None = None,
+                 masks: Mapping[torch.Tensor, tuple] | None = None, statistic: str | None = None,
                  statistic_ema: float | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
@@ -56,14 +56,14 @@ class AdamW(SparseOptimizerMixin, torch.optim.AdamW):
             for param in fused:
                 self._state_of(param, amsgrad)["step"] += 1
 
-            def call(params, grads, masks, feedback, statistics, step):
+            def call(params, grads, masks, feedback, statistics, packed, step):
                 states = [self.state[param] for param in params]
                 return ops.adamw_step(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                                       [s["max_exp_avg_sq"] for s in states] if amsgrad else [], masks, feedback,
                                       statistics, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=group["eps"],
                                       weight_decay=group["weight_decay"], amsgrad=amsgrad,
                                       maximize=group["maximize"], statistic=self.statistic,
-                                      statistic_ema=self.statistic_ema)
+                                      statistic_ema=self.statistic_ema, packed=packed)
 
             # Parameters that joined later (or were loaded so) count their own steps.
             self._fused_step(fused, call, key=lambda p: int(self.state[p]["step"].item()))

@@ -14,7 +14,8 @@ from ._sparse import SparseOptimizerMixin, reject_unsupported, split_params
 class SGD(SparseOptimizerMixin, torch.optim.SGD):
     """Drop-in torch.optim.SGD (same arguments, same state_dict), plus:
 
-    masks: {param: (bool mask, "masked" | "feedback")}; more later with `set_mask`.
+    masks: {param: (bool mask, "masked" | "feedback"[, packing_plan])}; more later with `set_mask`
+        (dynasparse.nn.sparse_masks(model) gives those of a model's sparse layers).
     statistic: None, "abs" or "square": gather |g| or g^2 per weight of every fp32 parameter
         (`statistics(param)`), as a running sum or, with statistic_ema=beta, an EMA.
     `foreach` and `fused` are accepted and ignored: the step is always one fused pass.
@@ -22,7 +23,7 @@ class SGD(SparseOptimizerMixin, torch.optim.SGD):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
-                 masks: Mapping[torch.Tensor, tuple[torch.Tensor, str]] | None = None, statistic: str | None = None,
+                 masks: Mapping[torch.Tensor, tuple] | None = None, statistic: str | None = None,
                  statistic_ema: float | None = None):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
@@ -44,7 +45,7 @@ class SGD(SparseOptimizerMixin, torch.optim.SGD):
             lr, momentum = float(group["lr"]), float(group["momentum"])
             fused, plain = split_params(group["params"])
 
-            def call(params, grads, masks, feedback, statistics, first_step):
+            def call(params, grads, masks, feedback, statistics, packed, first_step):
                 buffers = []
                 if momentum != 0.0:
                     for param in params:
@@ -55,7 +56,7 @@ class SGD(SparseOptimizerMixin, torch.optim.SGD):
                 return ops.sgd_step(params, grads, buffers, masks, feedback, statistics, lr=lr, momentum=momentum,
                                     dampening=group["dampening"], weight_decay=group["weight_decay"],
                                     nesterov=group["nesterov"], maximize=group["maximize"], first_step=first_step,
-                                    statistic=self.statistic, statistic_ema=self.statistic_ema)
+                                    statistic=self.statistic, statistic_ema=self.statistic_ema, packed=packed)
 
             self._fused_step(fused, call, key=lambda p: momentum != 0.0
                              and self.state[p].get("momentum_buffer") is None)

@@ -320,7 +320,7 @@ class Pruner:
     def _register_masks(self) -> None:
         if self.optimizer is not None and hasattr(self.optimizer, "set_mask"):
             for layer in self.layers.values():
-                self.optimizer.set_mask(layer.weight, layer.mask, layer.grad_mode)
+                self.optimizer.set_mask(layer.weight, layer.mask, layer.grad_mode, layer.packing_plan)
 
     def _units(self, layer: nn.Module, scores: torch.Tensor) -> torch.Tensor:
         return ops.row_scores(scores) if self.granularity == "row" else scores

@@ -2,7 +2,8 @@
 
 Same contract as the kernels (see csrc/ops.cpp): fp32 params and state updated in place,
 fp32/bf16/fp16 grads, per-tensor mask (None: dense) and feedback flag, optional gradient
-statistic, returns the fp32 norms ||w - m * w|| after the step.
+statistic, returns the fp32 norms ||w - m * w|| after the step, and writes the packed values
+asked for after the step.
 """
 
 import math
@@ -10,6 +11,7 @@ import math
 import torch
 
 from .. import checks
+from . import matmul
 
 
 def _update_statistics(statistics, grads, statistic: str, statistic_ema: float | None) -> None:
@@ -33,10 +35,20 @@ def _error_norms(params, masks) -> torch.Tensor:
     return torch.stack(norms).float()
 
 
+def pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels) -> None:
+    for i, values, row_ptr, cols, panel in zip(packed_params, packed_values, packed_row_ptrs, packed_cols,
+                                               packed_panels):
+        param = params[i]
+        values.copy_(matmul.pack_panels(param.view(checks.packed_matrix_shape(param)), row_ptr, cols, panel))
+
+
 def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, momentum, dampening, weight_decay,
-             nesterov, maximize, first_step, statistic, statistic_ema):
+             nesterov, maximize, first_step, statistic, statistic_ema, packed_params, packed_values, packed_row_ptrs,
+             packed_cols, packed_panels):
     checks.check_step_inputs("sgd_step", params, grads, masks, feedback, statistics, statistic, statistic_ema)
     checks.check_sgd(params, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov)
+    checks.check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
+                              packed_panels)
     _update_statistics(statistics, grads, statistic, statistic_ema)
     for i, (param, grad, mask) in enumerate(zip(params, grads, masks)):
         direction = grad.float()
@@ -55,14 +67,18 @@ def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, m
             param.masked_fill_(pruned, 0.0)
             if momentum != 0.0:
                 momentum_buffers[i].masked_fill_(pruned, 0.0)
+    pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels)
     return _error_norms(params, masks) if params else torch.empty(0)
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, feedback, statistics, lr, beta1, beta2,
-               eps, weight_decay, step, amsgrad, maximize, statistic, statistic_ema):
+               eps, weight_decay, step, amsgrad, maximize, statistic, statistic_ema, packed_params, packed_values,
+               packed_row_ptrs, packed_cols, packed_panels):
     checks.check_step_inputs("adamw_step", params, grads, masks, feedback, statistics, statistic, statistic_ema)
     checks.check_adamw(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
                        amsgrad)
+    checks.check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
+                              packed_panels)
     _update_statistics(statistics, grads, statistic, statistic_ema)
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
@@ -80,4 +96,5 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, fee
         if pruned is not None:
             for tensor in (param, exp_avgs[i], exp_avg_sqs[i], *([max_exp_avg_sqs[i]] if amsgrad else [])):
                 tensor.masked_fill_(pruned, 0.0)
+    pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels)
     return _error_norms(params, masks) if params else torch.empty(0)
