@@ -1,8 +1,8 @@
 """Benchmark cases of the sparse modules, registered on import.
 
 The baseline is the dense torch module doing the same work: `nn.Linear` / `nn.Conv2d`
-forward (inference, under no_grad), or one training step (forward, backward, SGD step with
-momentum, torch.optim foreach). The variant is the sparsified copy of the same module, with
+forward (inference, under no_grad), or one training step (zero_grad with torch's default
+set_to_none=True, forward, backward, SGD step with momentum, torch.optim foreach). The variant is the sparsified copy of the same module, with
 dynasparse.optim.SGD driven by the layers' masks, in feedback mode (DPF: dense weight gradient)
 or masked mode (sparse weight gradient, pruned weights and state kept at zero).
 """
@@ -45,7 +45,7 @@ def _training(dense, sparse, x):
 
     def step(model, optimizer):
         def run():
-            optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad()
             model(x).square().mean().backward()
             optimizer.step()
         return run
