@@ -2,7 +2,9 @@
 
 The baseline is the dense torch module doing the same work: `nn.Linear` / `nn.Conv2d`
 forward (inference, under no_grad), or one training step (zero_grad with torch's default
-set_to_none=True, forward, backward, SGD step with momentum, torch.optim foreach). The variant is the sparsified copy of the same module, with
+set_to_none=True, forward, backward, SGD step with momentum, torch.optim foreach) of the
+layer as a hidden layer: its input requires grad, so the backward computes the input
+gradient as well as the weight gradient. The variant is the sparsified copy of the same module, with
 dynasparse.optim.SGD driven by the layers' masks, in feedback mode (DPF: dense weight gradient)
 or masked mode (sparse weight gradient, pruned weights and state kept at zero).
 """
@@ -43,9 +45,12 @@ def _training(dense, sparse, x):
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=1e-4, momentum=0.9, foreach=True)
     sparse_optimizer = sparse_optim.SGD(sparse.parameters(), lr=1e-4, momentum=0.9, masks=sparse_masks(sparse))
 
+    x = x.detach().requires_grad_()
+
     def step(model, optimizer):
         def run():
             optimizer.zero_grad()
+            x.grad = None
             model(x).square().mean().backward()
             optimizer.step()
         return run
