@@ -59,7 +59,16 @@ __attribute__((always_inline)) inline void add_segment_avx512(const float* value
 #pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) acc[s][v] = s == 0 ? _mm512_loadu_ps(out + 16 * v) : _mm512_setzero_ps();
   }
-  for (; i + kSets <= end; i += kSets) {
+  // The nonzeros past a multiple of kSets first: with the remainder loop after the main one,
+  // GCC keeps accumulators on the stack and stores them on every main-loop iteration.
+  const int64_t whole = end - (end - i) % kSets;
+  for (int64_t tail = whole; tail < end; ++tail) {
+    const __m512 value = _mm512_set1_ps(values[tail]);
+    const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[tail])) * kWidth;
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) acc[0][v] = _mm512_fmadd_ps(value, _mm512_loadu_ps(x_col + 16 * v), acc[0][v]);
+  }
+  for (; i < whole; i += kSets) {
 #pragma GCC unroll 8
     for (int s = 0; s < kSets; ++s) {
       const __m512 value = _mm512_set1_ps(values[i + s]);
@@ -67,12 +76,6 @@ __attribute__((always_inline)) inline void add_segment_avx512(const float* value
 #pragma GCC unroll 4
       for (int v = 0; v < kVecs; ++v) acc[s][v] = _mm512_fmadd_ps(value, _mm512_loadu_ps(x_col + 16 * v), acc[s][v]);
     }
-  }
-  for (; i < end; ++i) {
-    const __m512 value = _mm512_set1_ps(values[i]);
-    const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[i])) * kWidth;
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) acc[0][v] = _mm512_fmadd_ps(value, _mm512_loadu_ps(x_col + 16 * v), acc[0][v]);
   }
 #pragma GCC unroll 4
   for (int v = 0; v < kVecs; ++v) {
