@@ -146,7 +146,9 @@ class SliceReader {
   }
 
   void prefetch(const float* plane) const {
-    for (int64_t i = read_begin_; i < read_end_; i += 16) _mm_prefetch(reinterpret_cast<const char*>(plane + i), _MM_HINT_T0);
+    for (int64_t i = read_begin_; i < read_end_; i += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(plane + i), _MM_HINT_T0);
+    }
   }
 
   // The 16 floats of vector v at kernel tap (dy, dx) of one channel plane, zero outside.

@@ -9,8 +9,9 @@ Layouts (full description in csrc/ops.cpp):
 - bitmask (Triton): w read in place and masked in registers from pack_mask(m), with a block
   plan of m as the list of tiles to visit.
 The input gradient is the forward product over the plan of m.T with w.T's values, so every
-product runs the same kernels. conv2d_panels is the forward product of a convolution whose
-weight [n, C, kh, kw] is planned as [n, C * kh * kw]: an implicit GEMM over NCHW input. `dynasparse.layout.MaskPlan` builds and caches all of this.
+product runs the same kernels. `dynasparse.layout.MaskPlan` builds and caches all of this.
+conv2d_panels is the forward product of a convolution whose weight [n, C, kh, kw] is planned
+as [n, C * kh * kw]: an implicit GEMM over NCHW input, no unfolded copy of it.
 """
 
 from __future__ import annotations
