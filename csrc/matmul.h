@@ -202,6 +202,41 @@ inline int64_t check_spmm_blocks(const at::Tensor& x, const at::Tensor& values, 
   return block;
 }
 
+// One spatial dimension of a convolution: (input + 2 * padding - dilation * (kernel - 1) - 1)
+// / stride + 1 outputs; check_conv2d_panels ensures the numerator is >= 0.
+inline int64_t conv_output_size(int64_t input, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  return (input + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
+inline void check_conv_param(const char* name, c10::IntArrayRef param, int64_t minimum) {
+  TORCH_CHECK_VALUE(param.size() == 2 && param[0] >= minimum && param[1] >= minimum,
+                    "dynasparse.conv2d_panels: ", name, " must be two integers >= ", minimum, ", got ", param);
+}
+
+// x [B, C, H, W] convolved with the [n, C * kh * kw] matrix of a panel plan.
+inline void check_conv2d_panels(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                                const at::Tensor& cols, int64_t panel, int64_t n, c10::IntArrayRef kernel_size,
+                                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                const c10::optional<at::Tensor>& bias) {
+  const char* op = "conv2d_panels";
+  check_size(op, "n", n);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() == 4, "dynasparse.conv2d_panels: x must be 4-D [B, C, H, W], got ", x.dim(), "-D");
+  check_conv_param("kernel_size", kernel_size, 1);
+  check_conv_param("stride", stride, 1);
+  check_conv_param("padding", padding, 0);
+  check_conv_param("dilation", dilation, 1);
+  check_panel_plan(op, row_ptr, cols, panel, n, x.size(1) * kernel_size[0] * kernel_size[1], x, "x");
+  check_panel_values(op, values, cols);
+  check_same_dtype(op, "values", values, x, "x");
+  check_bias(op, bias, n, x);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t padded = x.size(2 + d) + 2 * padding[d], reach = dilation[d] * (kernel_size[d] - 1) + 1;
+    TORCH_CHECK_VALUE(padded >= reach, "dynasparse.conv2d_panels: x's padded size ", padded, " in dimension ", 2 + d,
+                      " is smaller than the dilated kernel's ", reach);
+  }
+}
+
 // grad_out (..., N) and x (..., K): same leading dims, same dtype and device.
 inline void check_sddmm_operands(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
   check_float(op, "x", x);

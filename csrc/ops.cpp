@@ -92,6 +92,10 @@ TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
   // Packed values (plan order) of grad_out (..., N).T @ x (..., K), summed over all leading dims.
   m.def("sddmm_panels(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor cols, int panel) -> Tensor");
   m.def("sddmm_blocks(Tensor grad_out, Tensor x, Tensor mask, Tensor row_ptr, Tensor cols, int block) -> Tensor");
+  // y [B, n, OH, OW] = conv2d(x [B, C, H, W], W viewed as [n, C, kh, kw]) (+ bias): the panel
+  // plan's K index is c * kh * kw + dy * kw + dx (a conv weight reshaped to 2-D). Zero padding.
+  m.def("conv2d_panels(Tensor x, Tensor values, Tensor row_ptr, Tensor cols, int panel, SymInt n, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? bias=None) -> Tensor");
   m.def("masked_mm(Tensor x, Tensor weight, Tensor mask_words, Tensor tile_ptr, Tensor tile_cols, int tile, "
         "Tensor? bias=None) -> Tensor");
   // Dense [N, K] weight gradient, zero wherever the mask is.

@@ -39,6 +39,22 @@ def poison_allocator(nbytes: int, device: str) -> None:
         del block
 
 
+def assert_close_to_float64(ours, torch_own, exact):
+    """ours within twice torch's own error (same dtype) of the float64 result, plus a few ulps
+    of the largest output. float64 results have float64 torch as their oracle, so there the
+    bound is a summation-order difference: a few ulps of the largest output per 100 terms."""
+    if exact.numel() == 0:
+        return
+    eps = torch.finfo(ours.dtype).eps
+    scale = max(exact.abs().max().item(), 1.0)
+    error = (ours.double() - exact).abs().max().item()
+    if ours.dtype == torch.float64:
+        assert error <= 64 * eps * scale, error
+    else:
+        torch_error = (torch_own.double() - exact).abs().max().item()
+        assert error <= 2 * torch_error + 4 * eps * scale, (error, torch_error)
+
+
 def _run_rank(rank: int, run, world_size: int, init_file: str, results: list[str]) -> None:
     run(rank, world_size, init_file, results[rank])
 

@@ -16,7 +16,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,29 +23,13 @@
 #include <vector>
 
 #include "matmul.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define DYNASPARSE_X86 1
-#include <immintrin.h>
-#endif
+#include "panels.h"
 
 namespace dynasparse {
 namespace {
 
 // Rows of W per parallel task: enough work per task to hide the fork, few enough to balance.
 constexpr int64_t kRowGrain = 16;
-
-bool has_avx512() {
-#if DYNASPARSE_X86
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return supported;
-#else
-  return false;
-#endif
-}
-
-inline uint16_t col_offset(int16_t col) { return static_cast<uint16_t>(col); }
 
 // x (..., K) as [rows, K]: a view where the strides allow (no -1: K may be 0).
 at::Tensor as_rows(const at::Tensor& x) {
@@ -279,15 +262,6 @@ void sddmm_generic(const at::Tensor& grad_out, const at::Tensor& x, const int64_
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 
-// 64-byte aligned float scratch owned by one parallel task.
-struct Scratch {
-  explicit Scratch(int64_t floats) : data(static_cast<float*>(c10::alloc_cpu(std::max<int64_t>(floats, 1) * 4))) {}
-  ~Scratch() { c10::free_cpu(data); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  float* data;
-};
-
 // m [batch, cols] (any strides) -> ceil(batch / width) slices of [cols][width], zero past batch.
 at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
   const int64_t batch = m.size(0), cols = m.size(1), slices = ceil_div(batch, width);
@@ -321,15 +295,12 @@ at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
 // width 64) stay in L2 while every panel of a slice passes over them.
 constexpr int64_t kGroupRows = 512;
 
-// y rows [row_begin, row_end) for all batch slices. kVecs vectors of 16 per slice row; kSets
-// independent accumulator sets split each segment's nonzeros (even/odd, ...) so that eight
-// FMA chains are in flight.
+// y rows [row_begin, row_end) for all batch slices, kVecs vectors of 16 per slice row.
 template <int kVecs>
 void spmm_rows_avx512(const float* slices, int64_t slice_count, int64_t batch, int64_t k, const float* values,
                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, int64_t n, const float* bias,
                       float* y, int64_t row_begin, int64_t row_end) {
   constexpr int kWidth = 16 * kVecs;
-  constexpr int kSets = 8 / kVecs;
   const int64_t panels = panel_count(k, panel);
   Scratch scratch(std::min(kGroupRows, row_end - row_begin) * kWidth);
   float* acc_rows = scratch.data;
@@ -345,38 +316,7 @@ void spmm_rows_avx512(const float* slices, int64_t slice_count, int64_t batch, i
           int64_t i = segment[row];
           const int64_t end = segment[row + 1];
           if (i == end) continue;
-          float* out = acc_rows + (row - group) * kWidth;
-          __m512 acc[kSets][kVecs];
-#pragma GCC unroll 8
-          for (int s = 0; s < kSets; ++s) {
-#pragma GCC unroll 4
-            for (int v = 0; v < kVecs; ++v) acc[s][v] = s == 0 ? _mm512_loadu_ps(out + 16 * v) : _mm512_setzero_ps();
-          }
-          for (; i + kSets <= end; i += kSets) {
-#pragma GCC unroll 8
-            for (int s = 0; s < kSets; ++s) {
-              const __m512 value = _mm512_set1_ps(values[i + s]);
-              const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[i + s])) * kWidth;
-#pragma GCC unroll 4
-              for (int v = 0; v < kVecs; ++v) acc[s][v] = _mm512_fmadd_ps(value, _mm512_loadu_ps(x_col + 16 * v), acc[s][v]);
-            }
-          }
-          for (; i < end; ++i) {
-            const __m512 value = _mm512_set1_ps(values[i]);
-            const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[i])) * kWidth;
-#pragma GCC unroll 4
-            for (int v = 0; v < kVecs; ++v) acc[0][v] = _mm512_fmadd_ps(value, _mm512_loadu_ps(x_col + 16 * v), acc[0][v]);
-          }
-#pragma GCC unroll 4
-          for (int v = 0; v < kVecs; ++v) {
-            // Pairwise, in a fixed order.
-#pragma GCC unroll 8
-            for (int stride = 1; stride < kSets; stride *= 2) {
-#pragma GCC unroll 8
-              for (int s = 0; s + stride < kSets; s += 2 * stride) acc[s][v] = _mm512_add_ps(acc[s][v], acc[s + stride][v]);
-            }
-            _mm512_storeu_ps(out + 16 * v, acc[0][v]);
-          }
+          add_segment_avx512<kVecs>(values, cols, i, end, x_panel, acc_rows + (row - group) * kWidth);
         }
       }
       const int64_t lanes = std::min<int64_t>(kWidth, batch - slice * kWidth);
@@ -477,8 +417,6 @@ void sddmm_rows_avx512(const float* g_slices, const float* x_slices, int64_t sli
     }
   }
 }
-
-int vectors_for(int64_t batch) { return batch > 32 ? 4 : batch > 16 ? 2 : 1; }
 
 void spmm_float_avx512(const at::Tensor& x, const float* values, const int64_t* row_ptr, const int16_t* cols,
                        int64_t panel, int64_t n, const float* bias, float* y) {

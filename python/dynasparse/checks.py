@@ -437,6 +437,37 @@ def check_spmm_blocks(x, values, row_ptr, cols, n: int, bias) -> int:
     return block
 
 
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_conv_param(name: str, param, minimum: int) -> None:
+    if len(param) != 2 or param[0] < minimum or param[1] < minimum:
+        raise ValueError(f"dynasparse.conv2d_panels: {name} must be two integers >= {minimum}, got {list(param)}")
+
+
+def check_conv2d_panels(x, values, row_ptr, cols, panel: int, n: int, kernel_size, stride, padding, dilation,
+                        bias) -> None:
+    op = "conv2d_panels"
+    _check_size(op, "n", n)
+    _check_float(op, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"dynasparse.conv2d_panels: x must be 4-D [B, C, H, W], got {x.dim()}-D")
+    _check_conv_param("kernel_size", kernel_size, 1)
+    _check_conv_param("stride", stride, 1)
+    _check_conv_param("padding", padding, 0)
+    _check_conv_param("dilation", dilation, 1)
+    check_panel_plan(op, row_ptr, cols, panel, n, x.shape[1] * kernel_size[0] * kernel_size[1], x, "x")
+    _check_panel_values(op, values, cols)
+    _check_same_dtype(op, "values", values, x, "x")
+    _check_bias(op, bias, n, x)
+    for d in range(2):
+        padded, reach = x.shape[2 + d] + 2 * padding[d], dilation[d] * (kernel_size[d] - 1) + 1
+        if padded < reach:
+            raise ValueError(f"dynasparse.conv2d_panels: x's padded size {padded} in dimension {2 + d} "
+                             f"is smaller than the dilated kernel's {reach}")
+
+
 def _check_sddmm_operands(op: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
     _check_float(op, "x", x)
     if x.dim() < 1:

@@ -52,7 +52,8 @@ def test_sparse_linear_matches_dense_float64(layout, grad_mode, sparsity):
 @pytest.mark.parametrize("config", [
     dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=1, stride=2),
     dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
-    dict(kernel_size=3, padding="same"), dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, padding="same"), dict(kernel_size=3, padding="valid"),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
     dict(kernel_size=3, padding=1, groups=2), dict(kernel_size=3, padding=1, groups=8, bias=False),
 ], ids=str)
 @pytest.mark.parametrize("grad_mode", ["feedback", "masked"])
@@ -307,3 +308,61 @@ def test_compiled_model_matches_eager_without_graph_breaks():
     torch.testing.assert_close(out, eager)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("grad_mode", ["feedback", "masked"])
+def test_cpu_conv_forward_is_an_implicit_gemm(grad_mode, monkeypatch):
+    """A k x k float32 SparseConv2d on CPU runs conv2d_panels forward (never unfolding its
+    input) and matches float64 F.conv2d of w * m forward and backward, batched or not."""
+    seeded(13)
+    conv = dict(stride=(1, 2), padding=(2, 1), dilation=(2, 1))
+    layer = SparseConv2d(5, 12, 3, sparsity=0.8, grad_mode=grad_mode, **conv)
+    calls = []
+    original = dynasparse.ops.conv2d_panels
+    monkeypatch.setattr(dynasparse.ops, "conv2d_panels", lambda *args, **kwargs: calls.append(1) or original(*args,
+                                                                                                             **kwargs))
+    for shape in ((3, 5, 13, 70), (5, 9, 8)):
+        x = torch.randn(shape, requires_grad=True)
+        with monkeypatch.context() as no_unfold:
+            no_unfold.setattr(F, "unfold", None)
+            y = layer(x)
+        grad_out = torch.randn_like(y)
+        gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), grad_out)
+        x_ref = x.detach().double().requires_grad_()
+        w_ref = torch.where(layer.mask, layer.weight, 0).detach().double().requires_grad_()
+        b_ref = layer.bias.detach().double().requires_grad_()
+        y_ref = F.conv2d(x_ref, w_ref, b_ref, **conv)
+        gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, (x_ref, w_ref, b_ref), grad_out.double())
+        if grad_mode == "masked":
+            gw_ref = torch.where(layer.mask, gw_ref, 0)
+        for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+            torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2
+
+
+def test_compiled_conv_matches_eager_without_graph_breaks():
+    seeded(14)
+    layer = SparseConv2d(6, 10, 3, padding=1, sparsity=0.7)
+    x = torch.randn(2, 6, 9, 11, requires_grad=True)
+    eager = layer(x).square().sum()
+    eager_grads = torch.autograd.grad(eager, (x, layer.weight, layer.bias))
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x).square().sum()
+    grads = torch.autograd.grad(out, (x, layer.weight, layer.bias))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_conv_autocast_bfloat16_on_cpu():
+    seeded(15)
+    layer = SparseConv2d(4, 8, 3, padding=1, sparsity=0.5)
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    expected = F.conv2d(x.detach().bfloat16(), masked_weight(layer).bfloat16(), layer.bias.bfloat16(), padding=1)
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynasparse import dispatch, ops
 from dynasparse.layout import MaskPlan
@@ -434,6 +435,18 @@ def test_bad_block_inputs(backend, device):
         ops.pack_blocks(weight, mask[:, :11], row_ptr, cols, 4, backend=backend)
 
 
+@pytest.mark.gpu
+def test_conv2d_panels_on_cuda_runs_the_reference():
+    mask = random_mask(6, 27, 0.5, seed=91)
+    weight, x, bias = randn(6, 27, seed=92), randn(2, 3, 7, 9, seed=93), randn(6, seed=94)
+    row_ptr, cols = ops.plan_panels(mask.cuda(), 8)
+    values = ops.pack_panels(weight.cuda(), row_ptr, cols, 8)
+    y = ops.conv2d_panels(x.cuda(), values, row_ptr, cols, 8, 6, (3, 3), (1, 2), (1, 1), (1, 1), bias.cuda())
+    expected = F.conv2d(x.double(), torch.where(mask, weight, 0).double().reshape(6, 3, 3, 3), bias.double(),
+                        stride=(1, 2), padding=1)
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=1e-4, atol=1e-4)
+
+
 # --- op contracts ---
 
 def _opcheck_samples():
@@ -453,6 +466,9 @@ def _opcheck_samples():
         "unpack_blocks": (blocks, block_ptr, block_cols, 9, 20),
         "spmm_panels": (x, values, row_ptr, cols, 8, 9, bias),
         "spmm_blocks": (x, blocks, block_ptr, block_cols, 9, bias),
+        # K = 20 = 5 channels x a 2 x 2 kernel.
+        "conv2d_panels": (randn(2, 5, 4, 6, seed=86), values, row_ptr, cols, 8, 9, [2, 2], [2, 1], [1, 0], [1, 2],
+                          bias),
         "sddmm_panels": (grad_out, x, row_ptr, cols, 8),
         "sddmm_blocks": (grad_out, x, mask, block_ptr, block_cols, 4),
         "masked_mm": (x, weight, words, tile_ptr, tile_cols, 32, bias),

@@ -9,7 +9,7 @@ import torch
 from dynasparse import ops
 from dynasparse.ops import matmul as matmul_ops
 from dynasparse.reference import matmul as reference
-from tests.helpers import poison_allocator
+from tests.helpers import assert_close_to_float64, poison_allocator
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # 1 and 7: many tiny panels; 128 and the default 256: several 64-column mask words per panel.
@@ -27,22 +27,6 @@ def random_mask(n, k, sparsity, generator):
 
 def masked(weight, mask):
     return torch.where(mask, weight, 0)
-
-
-def assert_close_to_float64(ours, torch_own, exact):
-    """ours within twice torch's own error (same dtype) of the float64 result, plus a few ulps
-    of the largest output. float64 results have float64 torch as their oracle, so there the
-    bound is a summation-order difference: a few ulps of the largest output per 100 terms."""
-    if exact.numel() == 0:
-        return
-    eps = torch.finfo(ours.dtype).eps
-    scale = max(exact.abs().max().item(), 1.0)
-    error = (ours.double() - exact).abs().max().item()
-    if ours.dtype == torch.float64:
-        assert error <= 64 * eps * scale, error
-    else:
-        torch_error = (torch_own.double() - exact).abs().max().item()
-        assert error <= 2 * torch_error + 4 * eps * scale, (error, torch_error)
 
 
 def plan(mask, panel):

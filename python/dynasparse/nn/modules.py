@@ -164,13 +164,18 @@ class _SparseMixin:
                                       error_msgs)
         self._rebuild_plan()
 
-    def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _autocast(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None):
+        """The operands in autocast's dtype where it is on; else x must match the weight."""
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight_2d = x.to(dtype), weight_2d.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         elif x.dtype != weight_2d.dtype:
             raise TypeError(f"dynasparse: input is {x.dtype} but the layer's weight is {weight_2d.dtype}")
+        return x, weight_2d, bias
+
+    def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x, weight_2d, bias = self._autocast(x, weight_2d, bias)
         return self.plan().linear(x, weight_2d, bias, self.grad_mode)
 
     def _sparse_repr(self) -> str:
@@ -214,8 +219,11 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
     """nn.Conv2d with a mask: same arguments, plus keyword-only `sparsity`, `layout` and
     `grad_mode` as SparseLinear. The convolution is lowered to the masked matmul over the
     weight viewed as [out_channels, in_channels * kh * kw]: 1x1 convolutions directly on the
-    channels, k x k ones on unfolded patches. Grouped convolutions (groups > 1, depthwise
-    included) fall back to a dense convolution of `w * m`: correct, no faster than dense."""
+    channels; k x k ones, on CPU with the panel plan (unstructured and 2:4 layouts), by the
+    implicit-GEMM op `conv2d_panels` (im2col tiles built in cache, NCHW output written
+    directly), elsewhere (block layouts, CUDA) on unfolded patches. Backward passes go through
+    the unfolded patches in every case. Grouped convolutions (groups > 1, depthwise included)
+    fall back to a dense convolution of `w * m`: correct, no faster than dense."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -244,22 +252,34 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
-        elif isinstance(self.padding, str):
+        elif self.padding == "valid":
+            padding = (0, 0)
+        elif self.padding == "same":
             padding = self._same_padding()
         else:
-            padding = self.padding
+            padding = tuple(self.padding)
         n, _, height, width = x.shape
         kh, kw = self.kernel_size
         out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         if (kh, kw) == (1, 1) and padding == (0, 0):
             rows = x[:, :, ::self.stride[0], ::self.stride[1]].permute(0, 2, 3, 1)
+        elif x.device.type == "cpu" and self.plan().kernel == "panels":
+            y = self._implicit_gemm(x, padding)
+            return y if batched else y.squeeze(0)
         else:
             patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=padding, stride=self.stride)
             rows = patches.transpose(1, 2)
         y = self._sparse_linear(rows, self._weight_2d(), self.bias)
         y = y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
         return y if batched else y.squeeze(0)
+
+    def _implicit_gemm(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+        x, weight_2d, bias = self._autocast(x, self._weight_2d(), self.bias)
+        plan = self.plan()
+        plan.check()
+        geometry = (tuple(self.kernel_size), tuple(self.stride), padding, tuple(self.dilation))
+        return _PanelConv2d.apply(x, weight_2d, bias, plan.pack(weight_2d), plan, self.grad_mode, geometry)
 
     def _same_padding(self) -> tuple[int, int]:
         pads = []
@@ -288,6 +308,42 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"
+
+
+class _PanelConv2d(torch.autograd.Function):
+    """conv2d_panels forward; the backward works on the unfolded patches, rows = output pixels,
+    as the masked matmul's does on its rows: grad_input through the plan of m.T, folded back;
+    the weight gradient dense (feedback) or at the mask (masked)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_2d, bias, values, plan, grad_mode, geometry):
+        ctx.plan, ctx.grad_mode, ctx.geometry = plan, grad_mode, geometry
+        ctx.save_for_backward(x, weight_2d)
+        ctx.has_bias = bias is not None
+        return ops.conv2d_panels(x, values, *plan.index, plan.size, plan.shape[0], *geometry, bias,
+                                 backend=plan.backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_2d = ctx.saved_tensors
+        plan = ctx.plan
+        kernel_size, stride, padding, dilation = ctx.geometry
+        conv = {"dilation": dilation, "padding": padding, "stride": stride}
+        batch, n = grad_out.shape[:2]
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(batch, -1, n)  # [B, pixels, N]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_patches = plan.grad_input(grad_rows, weight_2d)  # [B, pixels, K]
+            grad_x = F.fold(grad_patches.transpose(1, 2), x.shape[2:], kernel_size, **conv)
+        if ctx.needs_input_grad[1]:
+            patches = F.unfold(x, kernel_size, **conv)  # [B, K, pixels]
+            if ctx.grad_mode == "masked":
+                grad_weight = plan.grad_weight_masked(grad_rows, patches.transpose(1, 2))
+            else:
+                grad_weight = (grad_out.reshape(batch, n, -1) @ patches.transpose(1, 2)).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 class SparseTransposedLinear(_SparseMixin, nn.Module):

@@ -10,6 +10,8 @@ Layouts (full description in csrc/ops.cpp):
   plan of m as the list of tiles to visit.
 The input gradient is the forward product over the plan of m.T with w.T's values, so every
 product runs the same kernels. `dynasparse.layout.MaskPlan` builds and caches all of this.
+conv2d_panels is the forward product of a convolution whose weight [n, C, kh, kw] is planned
+as [n, C * kh * kw]: an implicit GEMM over NCHW input, no unfolded copy of it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,13 @@ def _spmm_blocks_fake(x, values, row_ptr, cols, n, bias=None):
     return x.new_empty((*x.shape[:-1], n))
 
 
+def _conv2d_panels_fake(x, values, row_ptr, cols, panel, n, kernel_size, stride, padding, dilation, bias=None):
+    checks.check_conv2d_panels(x, values, row_ptr, cols, panel, n, kernel_size, stride, padding, dilation, bias)
+    out_h, out_w = (checks.conv_output_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])
+                    for d in range(2))
+    return x.new_empty((x.shape[0], n, out_h, out_w))
+
+
 def _sddmm_panels_fake(grad_out, x, row_ptr, cols, panel):
     checks.check_sddmm_panels(grad_out, x, row_ptr, cols, panel)
     return x.new_empty(cols.shape)
@@ -119,6 +128,10 @@ _spmm_panels = Op("spmm_panels", fake=_spmm_panels_fake, reference=reference.spm
 _spmm_blocks = Op("spmm_blocks", fake=_spmm_blocks_fake, reference=reference.spmm_blocks, triton=None)
 _sddmm_panels = Op("sddmm_panels", fake=_sddmm_panels_fake, reference=reference.sddmm_panels, triton=None)
 _sddmm_blocks = Op("sddmm_blocks", fake=_sddmm_blocks_fake, reference=reference.sddmm_blocks, triton=None)
+# No CUDA kernel: CUDA devices run the fused bitmask path (unfolded patches), and a panel
+# plan on a CUDA tensor gets the reference (unpacked weight + F.conv2d) without a warning.
+_conv2d_panels = Op("conv2d_panels", fake=_conv2d_panels_fake, reference=reference.conv2d_panels, triton=None,
+                    preference={"cpu": ("cpu", "reference"), "cuda": ("reference",)})
 _masked_mm = Op("masked_mm", fake=_masked_mm_fake, reference=reference.masked_mm,
                 triton=_masked_mm_triton if _HAS_TRITON_KERNELS else None, preference=_BITMASK_PREFERENCE)
 _masked_sddmm = Op("masked_sddmm", fake=_masked_sddmm_fake, reference=reference.masked_sddmm,
@@ -165,6 +178,15 @@ def spmm_blocks(x, values, row_ptr, cols, n: int, bias=None, *, backend: str | N
     return _spmm_blocks(x, values, row_ptr, cols, n, bias, backend=backend)
 
 
+def conv2d_panels(x, values, row_ptr, cols, panel: int, n: int, kernel_size, stride, padding, dilation, bias=None,
+                  *, backend: str | None = None):
+    """conv2d(x [B, C, H, W], W viewed as [n, C, kh, kw], stride, zero padding, dilation) (+ bias)
+    -> [B, n, OH, OW], W the [n, C * kh * kw] matrix of a panel plan and its packed values: an
+    implicit GEMM building im2col tiles in cache (CPU; on CUDA the reference runs)."""
+    return _conv2d_panels(x, values, row_ptr, cols, panel, n, list(kernel_size), list(stride), list(padding),
+                          list(dilation), bias, backend=backend)
+
+
 def sddmm_panels(grad_out, x, row_ptr, cols, panel: int, *, backend: str | None = None):
     """grad_out.T @ x at the plan's nonzeros, packed in plan order (summed over leading dims)."""
     return _sddmm_panels(grad_out, x, row_ptr, cols, panel, backend=backend)
@@ -187,4 +209,4 @@ def masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile: int, *, bac
 
 
 OPS = (_plan_panels, _plan_blocks, _pack_panels, _pack_blocks, _unpack_panels, _unpack_blocks, _spmm_panels,
-       _spmm_blocks, _sddmm_panels, _sddmm_blocks, _masked_mm, _masked_sddmm)
+       _spmm_blocks, _conv2d_panels, _sddmm_panels, _sddmm_blocks, _masked_mm, _masked_sddmm)

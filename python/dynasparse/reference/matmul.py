@@ -110,6 +110,13 @@ def spmm_blocks(x, values, row_ptr, cols, n: int, bias=None):
     return _linear(x, unpack_blocks(values, row_ptr, cols, n, x.shape[-1]), bias)
 
 
+def conv2d_panels(x, values, row_ptr, cols, panel: int, n: int, kernel_size, stride, padding, dilation, bias=None):
+    checks.check_conv2d_panels(x, values, row_ptr, cols, panel, n, kernel_size, stride, padding, dilation, bias)
+    weight = unpack_panels(values, row_ptr, cols, panel, n, x.shape[1] * kernel_size[0] * kernel_size[1])
+    weight = weight.reshape(n, x.shape[1], *kernel_size)
+    return torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
+
+
 def _weight_grad(grad_out, x):
     return as_rows(grad_out).T @ as_rows(x)
 
