@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from dynasparse import checks
+from dynasparse.reference.optim import pack_after_step
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -115,14 +116,10 @@ def _mask_arguments(masks, feedback, placeholder):
             for i, mask in enumerate(masks)]
 
 
-def _pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels) -> None:
+def _pack_after_step(*packing) -> None:
     # The flat step kernels do not know where a row's plan nonzeros start: the packed values
     # come from the pack_panels op (CUDA C++) after the step, on the same stream.
-    for i, values, row_ptr, cols, panel in zip(packed_params, packed_values, packed_row_ptrs, packed_cols,
-                                               packed_panels):
-        param = params[i]
-        values.copy_(torch.ops.dynasparse.pack_panels(param.view(checks.packed_matrix_shape(param)), row_ptr, cols,
-                                                      panel))
+    pack_after_step(*packing, pack=torch.ops.dynasparse.pack_panels)
 
 
 def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, momentum, dampening, weight_decay,

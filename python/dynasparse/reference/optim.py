@@ -35,11 +35,13 @@ def _error_norms(params, masks) -> torch.Tensor:
     return torch.stack(norms).float()
 
 
-def pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels) -> None:
+def pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels,
+                    pack=matmul.pack_panels) -> None:
+    """The updated params' packed values, by `pack` (pack_panels' signature) after the step."""
     for i, values, row_ptr, cols, panel in zip(packed_params, packed_values, packed_row_ptrs, packed_cols,
                                                packed_panels):
         param = params[i]
-        values.copy_(matmul.pack_panels(param.view(checks.packed_matrix_shape(param)), row_ptr, cols, panel))
+        values.copy_(pack(param.view(checks.packed_matrix_shape(param)), row_ptr, cols, panel))
 
 
 def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, momentum, dampening, weight_decay,
