@@ -242,6 +242,8 @@ def test_bad_input_raises_clear_errors():
         optimizer.set_mask(torch.nn.Parameter(torch.zeros(31, 13)), torch.ones(31, 13, dtype=torch.bool))
     with pytest.raises(ValueError, match="mode must be 'masked' or 'feedback', got 'dense'"):
         optimizer.set_mask(weight, torch.ones(31, 13, dtype=torch.bool), "dense")
+    with pytest.raises(TypeError, match="packing_plan must be a callable returning a MaskPlan or None"):
+        optimizer.set_mask(weight, torch.ones(31, 13, dtype=torch.bool), "masked", "not a plan")
     with pytest.raises(ValueError, match="is not in this optimizer"):
         SGD([weight], lr=0.1, masks={model[2].weight: (torch.ones(5, 31, dtype=torch.bool), "masked")})
     double_model = make_model(torch.float64)
