@@ -18,6 +18,8 @@ Unstructured and 2:4 masks use "panels" on the CPU and "bitmask" on CUDA; block 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import checks, dispatch, ops
@@ -70,8 +72,43 @@ def check_layout(layout: str, block: int | None, mask: torch.Tensor) -> None:
                              "consecutive weights of a row (dynasparse.ops.nm_mask(scores, 2, 4) makes such a mask)")
 
 
-def _version_key(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version, weight.dtype, weight.stride())
+def write_generation(tensor: torch.Tensor) -> int:
+    """How often the tensor (or the tensor it is a view of) was handed out through `.data` or
+    changed by an optimizer that does not bump version counters: writes that `_version` misses.
+    Counted by the sparse layers' weights and masks (dynasparse.nn.modules)."""
+    if "_dynasparse_generation" in tensor.__dict__ or tensor._base is None:
+        return tensor.__dict__.get("_dynasparse_generation", 0)
+    return tensor._base.__dict__.get("_dynasparse_generation", 0)
+
+
+class _WeightStamp:
+    """What the cached packed values were packed from: the weight's root tensor (held weakly, so
+    a temporary that died, such as an autocast copy or a reshape copy, never matches a new one
+    that reuses its memory), the view into it, and its write counts."""
+
+    def __init__(self, weight: torch.Tensor):
+        root = weight._base if weight._base is not None else weight
+        self._root = weakref.ref(root)
+        self._view = (weight.data_ptr(), weight._version, write_generation(weight), weight.dtype, weight.stride())
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        root = weight._base if weight._base is not None else weight
+        return self._root() is root and self._view == (weight.data_ptr(), weight._version, write_generation(weight),
+                                                       weight.dtype, weight.stride())
+
+
+def traced_by_functorch(*tensors) -> bool:
+    """True for tensors wrapped by a torch.func transform (grad, vmap, jacrev, functional_call's
+    per-sample params): the kernel ops have no rules for those, so the product runs as torch ops."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def masked_weight_for(weight: torch.Tensor, mask: torch.Tensor, grad_mode: str) -> torch.Tensor:
+    """w * m as differentiable torch ops: in feedback mode its gradient reaches every weight
+    (straight through, as the kernels' feedback backward), in masked mode only the active ones."""
+    if grad_mode == "masked":
+        return torch.where(mask, weight, 0)
+    return weight - torch.where(mask, 0, weight).detach()
 
 
 class MaskPlan:
@@ -142,11 +179,10 @@ class MaskPlan:
         if torch.compiler.is_compiling():
             # Version counters are invisible to a traced graph: compiled code packs every call.
             return self._pack(weight.detach())
-        key = _version_key(weight)
-        if self._values_key != key:
+        if self._values_key is None or not self._values_key.matches(weight):
             with torch.no_grad():
                 self._values = self._pack(weight.detach())
-            self._values_key = key
+            self._values_key = _WeightStamp(weight)
         return self._values
 
     def packed_target(self, weight: torch.Tensor) -> tuple | None:
@@ -164,7 +200,7 @@ class MaskPlan:
 
     def packed_written(self, weight: torch.Tensor) -> None:
         """The step that `packed_target(weight)` was given to has written w's packed values."""
-        self._values_key = _version_key(weight)
+        self._values_key = _WeightStamp(weight)
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         if self.kernel == "panels":
@@ -175,7 +211,8 @@ class MaskPlan:
         # w.T's values in the plan of m.T are w's values in the plan of m, reordered: while the
         # forward's packed values are current (as in a backward), a gather from them (a few MB)
         # replaces a strided pass over all of w.
-        if not torch.compiler.is_compiling() and self._values_key == _version_key(weight):
+        if (not torch.compiler.is_compiling() and self._values_key is not None
+                and self._values_key.matches(weight)):
             values_t = self._values.index_select(0, self._transposed_order())
             return values_t if self.kernel == "panels" else values_t.transpose(1, 2).contiguous()
         if self.kernel == "panels":
@@ -248,6 +285,9 @@ class MaskPlan:
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"dynasparse: unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
         self.check()
+        if not torch.compiler.is_compiling() and traced_by_functorch(weight, bias):
+            # Per-sample or functional weights: the packed values would be of one weight.
+            return torch.nn.functional.linear(x, masked_weight_for(weight, self.mask, grad_mode), bias)
         return _MaskedLinear.apply(x, weight, bias, self.pack(weight), self, grad_mode)
 
     def __repr__(self) -> str:
@@ -256,18 +296,45 @@ class MaskPlan:
                 f"{'panel' if self.kernel == 'panels' else 'tile'}={self.size}, device={self.mask.device})")
 
 
+def fold_vmap_dim(x: torch.Tensor, x_dim: int | None, batch_size: int) -> torch.Tensor:
+    """x with its vmapped dimension moved to the front (broadcast there when x is not batched):
+    the products take any leading dims, so a vmapped call is one call over a bigger batch."""
+    if x_dim is None:
+        return x.unsqueeze(0).expand(batch_size, *x.shape)
+    return x.movedim(x_dim, 0)
+
+
 class _MaskedLinear(torch.autograd.Function):
+    """x @ (w * m).T + bias on the plan's kernels. setup_context form, so torch.func transforms
+    (grad, vjp, jacrev, vmap) compose with it; a backward that must itself be differentiable
+    (create_graph=True, torch.func's nested transforms) runs as torch ops on w * m."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, values, plan, grad_mode):
+    def forward(x, weight, bias, values, plan, grad_mode):
+        return plan.forward(x, weight, values, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _, plan, grad_mode = inputs
         ctx.plan, ctx.grad_mode = plan, grad_mode
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return plan.forward(x, weight, values, bias)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, values, plan, grad_mode):
+        x_dim, weight_dim, bias_dim, values_dim = in_dims[:4]
+        if weight_dim is not None or bias_dim is not None or values_dim is not None:
+            raise ValueError("dynasparse: vmap over a sparse layer's weight or bias is not supported by the kernel "
+                             "path; per-sample weights go through torch.func.functional_call, which runs torch ops")
+        x = fold_vmap_dim(x, x_dim, info.batch_size)
+        return _MaskedLinear.apply(x, weight, bias, values, plan, grad_mode), 0
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         plan = ctx.plan
+        if torch.is_grad_enabled():
+            return (*_differentiable_linear_backward(ctx, grad_out, x, weight), None, None, None)
         grad_out = grad_out.contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -280,3 +347,17 @@ class _MaskedLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = as_rows(grad_out).sum(0)
         return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _differentiable_linear_backward(ctx, grad_out, x, weight):
+    """The gradients of x @ (w * m).T + b as torch ops, so that they have gradients themselves."""
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out @ masked_weight_for(weight, ctx.plan.mask, ctx.grad_mode)
+    if ctx.needs_input_grad[1]:
+        grad_weight = as_rows(grad_out).T @ as_rows(x)
+        if ctx.grad_mode == "masked":
+            grad_weight = torch.where(ctx.plan.mask, grad_weight, 0)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = as_rows(grad_out).sum(0)
+    return grad_x, grad_weight, grad_bias

@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
-from ..layout import BLOCK_SIZES, GRAD_MODES, MaskPlan
+from ..layout import (BLOCK_SIZES, GRAD_MODES, MaskPlan, check_layout, fold_vmap_dim, masked_weight_for,
+                      traced_by_functorch, write_generation)
 
 LAYOUT_NAMES = ("unstructured", "2:4") + tuple(f"block{b}" for b in BLOCK_SIZES)
 
@@ -59,6 +61,67 @@ def magnitude_mask(weight_2d: torch.Tensor, sparsity: float, layout: str) -> tor
     return keep
 
 
+class _CountsHiddenWrites:
+    """The weight and mask of a sparse layer count the writes that their version counter misses,
+    so that the layer's cached plan and packed values never go stale: `.data` hands out an
+    alias with a fresh version counter (`w.data.mul_(2)`, `for p in model.parameters():
+    p.data...`), and some optimizers (torch's fused Adam) write without bumping it (counted by
+    an optimizer step hook below). Writes that bypass torch altogether (NumPy views, DLPack,
+    raw pointers) are not seen: call the layer's `weight_changed()` after them."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def count_write(self) -> None:
+        self.__dict__["_dynasparse_generation"] = self.__dict__.get("_dynasparse_generation", 0) + 1
+
+    @property
+    def data(self):
+        self.count_write()
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        self.count_write()
+        torch._C.TensorBase.data.__set__(self, value)
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            with torch.no_grad():
+                copy = torch._C.TensorBase.clone(self)
+            if isinstance(self, nn.Parameter):
+                copy = nn.Parameter(copy, self.requires_grad)
+            copy.__class__ = type(self)
+            memo[id(self)] = copy
+        return memo[id(self)]
+
+
+class SparseWeight(_CountsHiddenWrites, nn.Parameter):
+    """A sparse layer's weight: an nn.Parameter that counts hidden writes (see above)."""
+
+
+class SparseMask(_CountsHiddenWrites, torch.Tensor):
+    """A sparse layer's mask buffer: a bool tensor that counts hidden writes (see above)."""
+
+
+def _counting(tensor: torch.Tensor, cls: type) -> torch.Tensor:
+    # In place, so that optimizers and user code holding the tensor keep the same object.
+    if type(tensor) in (nn.Parameter, torch.Tensor):
+        tensor.__class__ = cls
+    return tensor
+
+
+def _count_optimizer_writes(optimizer, args, kwargs) -> None:
+    if getattr(optimizer, "bumps_version_counters", False):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if isinstance(param, SparseWeight):
+                param.count_write()
+
+
+register_optimizer_step_post_hook(_count_optimizer_writes)
+
+
 class _SparseMixin:
     """Mask, plan and grad mode shared by the sparse modules; `_weight_2d()` is the [N, K]
     matrix the masked matmul sees."""
@@ -69,8 +132,25 @@ class _SparseMixin:
         self.layout, self.grad_mode = layout, grad_mode
         self._layout_kind, self._block = parse_layout(layout)
         self._check_layout_fits()
-        self.register_buffer("mask", self._from_2d(magnitude_mask(self._weight_2d(), sparsity, layout)))
+        _counting(self.weight, SparseWeight)
+        self._plan = None
+        # On the meta device (models built before their weights exist) the magnitude mask is
+        # chosen once real weights are there: at load_state_dict, or at the first use.
+        self._pending_sparsity = sparsity if self.weight.is_meta else None
+        # Its own storage (not a view), so that its write count is its own.
+        initial = (torch.ones_like(self.weight, dtype=torch.bool) if self.weight.is_meta else
+                   self._from_2d(magnitude_mask(self._weight_2d(), sparsity, layout)).clone())
+        self.register_buffer("mask", _counting(initial, SparseMask))
+        self._register_state_dict_hook(_masked_mode_state_dict)
         self._rebuild_plan()
+
+    def __setattr__(self, name, value):
+        # `layer.mask = new` goes through set_mask: validated, and copied into the buffer that
+        # optimizers hold.
+        if name == "mask" and getattr(self, "_plan_stamp", None) is not None and isinstance(value, torch.Tensor):
+            self.set_mask(value)
+            return
+        super().__setattr__(name, value)
 
     def _check_layout_fits(self) -> None:
         n, k = self._weight_2d().shape
@@ -81,18 +161,30 @@ class _SparseMixin:
             raise ValueError(f"dynasparse: layout {self.layout!r} needs the weight's [N, K] = [{n}, {k}] to be "
                              f"multiples of {self._block}")
 
-    def set_mask(self, mask: torch.Tensor) -> None:
-        """Replace the mask (copied into the `mask` buffer, so optimizers holding it see the
-        change) and rebuild the plan."""
+    def _check_mask(self, mask, what: str = "a mask") -> None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"dynasparse: a mask must be a torch.bool tensor, got "
+            raise TypeError(f"dynasparse: {what} must be a torch.bool tensor, got "
                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
         if mask.shape != self.weight.shape:
-            raise ValueError(f"dynasparse: mask has shape {list(mask.shape)} but weight has shape "
+            raise ValueError(f"dynasparse: {what} has shape {list(mask.shape)} but weight has shape "
                              f"{list(self.weight.shape)}")
+        if not mask.is_meta:
+            check_layout(self._layout_kind, self._block, mask.reshape(self._weight_2d().shape))
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (copied into the `mask` buffer, so optimizers holding it see the
+        change) and rebuild the plan. A mask that does not fit the layer or its layout is
+        refused before anything changes."""
+        self._check_mask(mask)
         with torch.no_grad():
             self.mask.copy_(mask)
+        self._pending_sparsity = None
         self._rebuild_plan()
+
+    def weight_changed(self) -> None:
+        """Tell the layer its weight was written behind torch's back (NumPy, DLPack, raw
+        pointers): its cached packed values are rebuilt at the next use."""
+        self.weight.count_write()
 
     def _adopt(self, module: nn.Module, sparsity: float, mask: torch.Tensor | None):
         """Take `module`'s weight and bias, then `mask` or the magnitude mask at `sparsity`."""
@@ -127,10 +219,15 @@ class _SparseMixin:
     def plan(self) -> MaskPlan:
         """The mask's kernel plan. Rebuilt eagerly whenever the module changes the mask
         (`set_mask`, `load_state_dict`, a move), so compiled code never builds one; in eager
-        mode an in-place edit of the `mask` buffer is also noticed here."""
-        if not torch.compiler.is_compiling() and (self._plan is None or
-                                                  self._plan.mask_version != self.mask._version):
-            self._rebuild_plan()
+        mode any other change of the `mask` buffer (in place, through `.data`, replaced) is
+        also noticed here."""
+        if not torch.compiler.is_compiling():
+            if self._pending_sparsity is not None and not self.weight.is_meta:
+                self._choose_pending_mask()
+            _counting(self.weight, SparseWeight)
+            if self._plan_stamp != self._mask_stamp():
+                self._check_mask(self.mask, "the layer's mask (changed outside set_mask)")
+                self._rebuild_plan()
         return self._plan
 
     def packing_plan(self) -> MaskPlan | None:
@@ -138,9 +235,20 @@ class _SparseMixin:
         [size(0), numel / size(0)], i.e. when that is the matrix the plan multiplies."""
         return self.plan()
 
+    def _mask_stamp(self) -> tuple:
+        mask = self.mask
+        return (id(mask), mask.data_ptr(), mask._version, write_generation(mask), mask.shape, mask.dtype,
+                mask.device)
+
     def _rebuild_plan(self) -> None:
+        _counting(self.mask, SparseMask)
         # A view of the buffer: it shares the buffer's version counter.
-        self._plan = MaskPlan(self._mask_2d(), self._layout_kind, block=self._block)
+        self._plan = None if self.mask.is_meta else MaskPlan(self._mask_2d(), self._layout_kind, block=self._block)
+        self._plan_stamp = self._mask_stamp()
+
+    def _choose_pending_mask(self) -> None:
+        sparsity, self._pending_sparsity = self._pending_sparsity, None
+        self.set_mask(self._from_2d(magnitude_mask(self._weight_2d(), sparsity, self.layout)))
 
     def _mask_2d(self) -> torch.Tensor:
         return self.mask.reshape(self._weight_2d().shape)
@@ -149,24 +257,42 @@ class _SparseMixin:
         return mask_2d.reshape(self.weight.shape)
 
     def _apply(self, fn, *args, **kwargs):
+        was_meta = self.mask.is_meta if getattr(self, "_plan_stamp", None) is not None else False
         result = super()._apply(fn, *args, **kwargs)
-        if getattr(self, "_plan", None) is not None:
+        if getattr(self, "_plan_stamp", None) is not None:
+            _counting(self.weight, SparseWeight)
+            if was_meta and not self.mask.is_meta:
+                # to_empty: the buffer holds arbitrary bytes until the pending mask is chosen.
+                with torch.no_grad():
+                    self.mask.fill_(True)
             self._rebuild_plan()
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A dense checkpoint has no mask: keep this module's.
-        if prefix + "mask" not in state_dict:
+        key = prefix + "mask"
+        if key in state_dict:
+            try:
+                self._check_mask(state_dict[key], f"the checkpoint's {key}")
+            except (TypeError, ValueError) as error:
+                error_msgs.append(str(error))
+                return
+            self._pending_sparsity = None
+        else:
+            # A dense checkpoint has no mask: keep this module's (or choose the pending one
+            # from the loaded weights).
             state_dict = dict(state_dict)
-            state_dict[prefix + "mask"] = self.mask
+            state_dict[key] = self.mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        _counting(self.weight, SparseWeight)
+        if self._pending_sparsity is not None and not self.weight.is_meta:
+            self._choose_pending_mask()
         self._rebuild_plan()
 
     def _autocast(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None):
         """The operands in autocast's dtype where it is on; else x must match the weight."""
-        if torch.is_autocast_enabled(x.device.type):
+        if not x.is_meta and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight_2d = x.to(dtype), weight_2d.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
@@ -174,12 +300,64 @@ class _SparseMixin:
             raise TypeError(f"dynasparse: input is {x.dtype} but the layer's weight is {weight_2d.dtype}")
         return x, weight_2d, bias
 
+    def _guarded_bias(self, plan: MaskPlan, bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """Under torch.compile the graph cannot see the mask's version counter: a guard op
+        checks it at run time (its zero result feeds the bias, so it is never dropped)."""
+        if not torch.compiler.is_compiling():
+            return bias
+        # The plan's view of the buffer: a plain tensor sharing the buffer's version counter.
+        zero = torch.ops.dynasparse.mask_guard(plan.mask, plan.mask_version, like)
+        return zero.expand(plan.shape[0]) if bias is None else bias + zero
+
+    def _reference_product(self, x: torch.Tensor) -> bool:
+        """Meta tensors and torch.func-wrapped weights run as torch ops (no kernel plan for them)."""
+        return self.weight.is_meta or x.is_meta or (not torch.compiler.is_compiling()
+                                                    and traced_by_functorch(self.weight, self.bias))
+
     def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x, weight_2d, bias = self._autocast(x, weight_2d, bias)
-        return self.plan().linear(x, weight_2d, bias, self.grad_mode)
+        if self._reference_product(x):
+            return F.linear(x, masked_weight_for(weight_2d, self._mask_2d(), self.grad_mode), bias)
+        plan = self.plan()
+        return plan.linear(x, weight_2d, self._guarded_bias(plan, bias, x), self.grad_mode)
+
+    def _check_features(self, x: torch.Tensor) -> None:
+        in_features = self._weight_2d().shape[1]
+        if x.dim() == 0 or x.shape[-1] != in_features:
+            raise RuntimeError(f"dynasparse.{type(self).__name__}: the input's last dimension must be "
+                               f"in_features = {in_features}, got input of shape {list(x.shape)}")
 
     def _sparse_repr(self) -> str:
         return f"layout={self.layout}, sparsity={self.sparsity:.3f}, grad_mode={self.grad_mode}"
+
+
+def _masked_mode_state_dict(module, state_dict, prefix, local_metadata):
+    """In masked mode the pruned weights are dead: the state_dict holds w * m, so a checkpoint
+    saved the way Hugging Face saves (state_dict, no mask) loads into the dense class with the
+    same outputs. (keep_vars=True asks for the parameters themselves: left alone.)"""
+    key = prefix + "weight"
+    if module.grad_mode == "masked" and key in state_dict and not isinstance(state_dict[key], nn.Parameter):
+        state_dict[key] = torch.where(module.mask, state_dict[key], 0)
+
+
+@torch.library.custom_op("dynasparse::mask_guard", mutates_args=())
+def _mask_guard(mask: torch.Tensor, version: int, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero of like's dtype, or an error when `mask` was modified in place since its
+    plan was built at `version` (a compiled graph cannot notice that itself)."""
+    if mask._version != version:
+        raise RuntimeError("dynasparse: a sparse layer's mask was modified in place under torch.compile, so the "
+                           "compiled graph would compute with the old mask; change masks with layer.set_mask(mask) "
+                           "(which makes dynamo retrace)")
+    return like.new_zeros(())
+
+
+@_mask_guard.register_fake
+def _(mask, version, like):
+    return like.new_empty(())
+
+
+# A constant zero: nothing flows back through it.
+_mask_guard.register_autograd(lambda ctx, grad: (None, None, None))
 
 
 class SparseLinear(_SparseMixin, nn.Linear):
@@ -196,12 +374,14 @@ class SparseLinear(_SparseMixin, nn.Linear):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_features(x)
         return self._sparse_linear(x, self.weight, self.bias)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, sparsity: float = 0.0, layout: str = "unstructured",
                    grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseLinear:
         """A SparseLinear sharing nothing with `module` but its values (same device, dtype)."""
+        _check_source(cls, module, nn.Linear)
         sparse = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
                      dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
         return sparse._adopt(module, sparsity, mask)
@@ -244,8 +424,11 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (3, 4):
             raise ValueError(f"dynasparse.SparseConv2d: expected a 3-D (unbatched) or 4-D input, got {x.dim()}-D")
-        if self.groups != 1:
-            return self._conv_forward(x, self.masked_weight(), self.bias)
+        if x.shape[-3] != self.in_channels:
+            raise RuntimeError(f"dynasparse.SparseConv2d: expected input of shape {list(x.shape)} to have "
+                               f"{self.in_channels} channels (in_channels), got {x.shape[-3]}")
+        if self.groups != 1 or self._reference_product(x):
+            return self._conv_forward(x, masked_weight_for(self.weight, self.mask, self.grad_mode), self.bias)
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)
@@ -279,7 +462,8 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         plan = self.plan()
         plan.check()
         geometry = (tuple(self.kernel_size), tuple(self.stride), padding, tuple(self.dilation))
-        return _PanelConv2d.apply(x, weight_2d, bias, plan.pack(weight_2d), plan, self.grad_mode, geometry)
+        return _PanelConv2d.apply(x, weight_2d, self._guarded_bias(plan, bias, x), plan.pack(weight_2d), plan,
+                                  self.grad_mode, geometry)
 
     def _same_padding(self) -> tuple[int, int]:
         pads = []
@@ -294,6 +478,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
     @classmethod
     def from_dense(cls, module: nn.Conv2d, *, sparsity: float = 0.0, layout: str = "unstructured",
                    grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseConv2d:
+        _check_source(cls, module, nn.Conv2d)
         sparse = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                      padding=module.padding, dilation=module.dilation, groups=module.groups,
                      bias=module.bias is not None, padding_mode=module.padding_mode, device=module.weight.device,
@@ -313,15 +498,29 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 class _PanelConv2d(torch.autograd.Function):
     """conv2d_panels forward; the backward works on the unfolded patches, rows = output pixels,
     as the masked matmul's does on its rows: grad_input through the plan of m.T, folded back;
-    the weight gradient dense (feedback) or at the mask (masked)."""
+    the weight gradient dense (feedback) or at the mask (masked). A backward that must itself
+    be differentiable (create_graph=True, torch.func) runs as torch's convolution of w * m."""
 
     @staticmethod
-    def forward(ctx, x, weight_2d, bias, values, plan, grad_mode, geometry):
+    def forward(x, weight_2d, bias, values, plan, grad_mode, geometry):
+        return ops.conv2d_panels(x, values, *plan.index, plan.size, plan.shape[0], *geometry, bias,
+                                 backend=plan.backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight_2d, bias, _, plan, grad_mode, geometry = inputs
         ctx.plan, ctx.grad_mode, ctx.geometry = plan, grad_mode, geometry
         ctx.save_for_backward(x, weight_2d)
         ctx.has_bias = bias is not None
-        return ops.conv2d_panels(x, values, *plan.index, plan.size, plan.shape[0], *geometry, bias,
-                                 backend=plan.backend)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight_2d, bias, values, plan, grad_mode, geometry):
+        if any(dim is not None for dim in in_dims[1:4]):
+            raise ValueError("dynasparse: vmap over a SparseConv2d's weight or bias is not supported by the kernel "
+                             "path; per-sample weights go through torch.func.functional_call, which runs torch ops")
+        x = fold_vmap_dim(x, in_dims[0], info.batch_size)
+        out = _PanelConv2d.apply(x.flatten(0, 1), weight_2d, bias, values, plan, grad_mode, geometry)
+        return out.unflatten(0, x.shape[:2]), 0
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -329,8 +528,10 @@ class _PanelConv2d(torch.autograd.Function):
         plan = ctx.plan
         kernel_size, stride, padding, dilation = ctx.geometry
         conv = {"dilation": dilation, "padding": padding, "stride": stride}
-        batch, n = grad_out.shape[:2]
-        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(batch, -1, n)  # [B, pixels, N]
+        if torch.is_grad_enabled():
+            return (*_differentiable_conv_backward(ctx, grad_out, x, weight_2d), None, None, None, None)
+        batch, n, out_h, out_w = grad_out.shape
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(batch, out_h * out_w, n)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_patches = plan.grad_input(grad_rows, weight_2d)  # [B, pixels, K]
@@ -340,10 +541,28 @@ class _PanelConv2d(torch.autograd.Function):
             if ctx.grad_mode == "masked":
                 grad_weight = plan.grad_weight_masked(grad_rows, patches.transpose(1, 2))
             else:
-                grad_weight = (grad_out.reshape(batch, n, -1) @ patches.transpose(1, 2)).sum(0)
+                grad_weight = (grad_out.reshape(batch, n, out_h * out_w) @ patches.transpose(1, 2)).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _differentiable_conv_backward(ctx, grad_out, x, weight_2d):
+    kernel_size, stride, padding, dilation = ctx.geometry
+    weight = weight_2d.reshape(weight_2d.shape[0], x.shape[1], *kernel_size)
+    mask = ctx.plan.mask.reshape(weight.shape)
+    conv = {"stride": stride, "padding": padding, "dilation": dilation}
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.nn.grad.conv2d_input(x.shape, masked_weight_for(weight, mask, ctx.grad_mode), grad_out, **conv)
+    if ctx.needs_input_grad[1]:
+        grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, **conv)
+        if ctx.grad_mode == "masked":
+            grad_weight = torch.where(mask, grad_weight, 0)
+        grad_weight = grad_weight.reshape(weight_2d.shape)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_out.sum((0, 2, 3))
+    return grad_x, grad_weight, grad_bias
 
 
 class SparseTransposedLinear(_SparseMixin, nn.Module):
@@ -375,13 +594,18 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_features(x)
         return self._sparse_linear(x, self.weight.T, self.bias)
 
     @classmethod
     def from_dense(cls, module: nn.Module, *, sparsity: float = 0.0, layout: str = "unstructured",
                    grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseTransposedLinear:
         """From any module with weight [in, out] and bias [out] computing x @ weight + bias."""
-        in_features, out_features = module.weight.shape
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"dynasparse.SparseTransposedLinear.from_dense: module must have a 2-D weight [in, out] "
+                            f"(as transformers' Conv1D), got {type(module).__name__}")
+        in_features, out_features = weight.shape
         sparse = cls(in_features, out_features, getattr(module, "bias", None) is not None,
                      device=module.weight.device, dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
         return sparse._adopt(module, sparsity, mask)
@@ -392,3 +616,9 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
 
 
 SPARSE_MODULES = (SparseLinear, SparseConv2d, SparseTransposedLinear)
+
+
+def _check_source(cls: type, module: nn.Module, expected: type) -> None:
+    if not isinstance(module, expected):
+        raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.{expected.__name__}, "
+                        f"got {type(module).__name__}")

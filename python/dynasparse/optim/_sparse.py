@@ -6,7 +6,9 @@ returns a MaskPlan that reads panel-packed values, the step writes them (no pack
 next forward). Masks, statistics and error norms belong to the
 pruning side and are not part of `state_dict()`, which stays exactly torch.optim's, so
 checkpoints load both ways. Only fp32 parameters run the fused op (and gather statistics);
-others take torch's functional implementation and cannot be sparse.
+others take torch's functional implementation and cannot be sparse, except fp32 ones the fused op
+cannot take (non-contiguous: channels_last convolution weights), whose masks, statistics and
+error norms are applied around torch's step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import checks
+from ..reference import optim as reference
 
 if TYPE_CHECKING:
     from ..layout import MaskPlan
@@ -27,6 +30,10 @@ MODES = ("masked", "feedback")
 
 class SparseOptimizerMixin:
     """Mask bookkeeping for an optimizer subclassing a torch.optim optimizer."""
+
+    # Every write of its steps bumps the version counters (the fused ops do, torch's
+    # single-tensor fallback does): the sparse layers need no step hook to notice them.
+    bumps_version_counters = True
 
     def _init_sparse(self, masks: Mapping[torch.Tensor, tuple] | None, statistic: str | None,
                      statistic_ema: float | None) -> None:
@@ -153,6 +160,27 @@ class SparseOptimizerMixin:
                 packed[i] = target
                 written.append((plan, weight))
         return packed, written
+
+    def _before_plain_step(self, plain: list[torch.Tensor]) -> None:
+        """The statistics of fp32 params the fused op cannot take (non-contiguous, e.g.
+        channels_last convolution weights): they run torch's step."""
+        gathered = [p for p in plain if p.dtype == torch.float32] if self.statistic != "none" else []
+        reference.update_statistics([self._statistic_buffer(p) for p in gathered], [p.grad for p in gathered],
+                                    self.statistic, self.statistic_ema)
+
+    @torch.no_grad()
+    def _after_plain_step(self, plain: list[torch.Tensor]) -> None:
+        """Masks of params that ran torch's step: masked mode zeroes their pruned weights and
+        state as the fused step does (feedback mode updates every weight, as torch's step did)."""
+        sparse = [p for p in plain if p in self._masks]
+        for param in sparse:
+            mask, mode = self._masks[param]
+            if mode == "masked":
+                param.masked_fill_(~mask, 0.0)
+                self.reset_state(param, ~mask)
+        if sparse:
+            norms = reference.error_norms(sparse, [self._masks[p][0] for p in sparse])
+            self._error_norms.update(zip(sparse, norms))
 
     def _statistic_buffer(self, param: torch.Tensor) -> torch.Tensor:
         if param not in self._statistics:

@@ -68,6 +68,7 @@ class AdamW(SparseOptimizerMixin, torch.optim.AdamW):
             # Parameters that joined later (or were loaded so) count their own steps.
             self._fused_step(fused, call, key=lambda p: int(self.state[p]["step"].item()))
             if plain:
+                self._before_plain_step(plain)
                 states = [self._state_of(param, amsgrad) for param in plain]
                 torch_adam(plain, [p.grad for p in plain], [s["exp_avg"] for s in states],
                                       [s["exp_avg_sq"] for s in states],
@@ -76,4 +77,5 @@ class AdamW(SparseOptimizerMixin, torch.optim.AdamW):
                                       amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
                                       weight_decay=group["weight_decay"], eps=group["eps"],
                                       maximize=group["maximize"])
+                self._after_plain_step(plain)
         return loss

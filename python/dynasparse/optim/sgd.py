@@ -61,6 +61,7 @@ class SGD(SparseOptimizerMixin, torch.optim.SGD):
             self._fused_step(fused, call, key=lambda p: momentum != 0.0
                              and self.state[p].get("momentum_buffer") is None)
             if plain:
+                self._before_plain_step(plain)
                 buffers = [self.state[p].get("momentum_buffer") for p in plain]
                 torch_sgd(plain, [p.grad for p in plain], buffers, foreach=False,
                                     weight_decay=group["weight_decay"], momentum=momentum, lr=lr,
@@ -69,4 +70,5 @@ class SGD(SparseOptimizerMixin, torch.optim.SGD):
                 if momentum != 0.0:
                     for param, buffer in zip(plain, buffers):
                         self.state[param]["momentum_buffer"] = buffer
+                self._after_plain_step(plain)
         return loss

@@ -14,7 +14,7 @@ from .. import checks
 from . import matmul
 
 
-def _update_statistics(statistics, grads, statistic: str, statistic_ema: float | None) -> None:
+def update_statistics(statistics, grads, statistic: str, statistic_ema: float | None) -> None:
     for buffer, grad in zip(statistics, grads):
         value = grad.float().abs() if statistic == "abs" else grad.float().square()
         if statistic_ema is None:
@@ -28,7 +28,7 @@ def _pruned(mask, feedback: bool):
     return None if mask is None or feedback else ~mask
 
 
-def _error_norms(params, masks) -> torch.Tensor:
+def error_norms(params, masks) -> torch.Tensor:
     norms = [torch.zeros((), dtype=torch.float64, device=params[0].device) if mask is None
              else param.double().masked_fill(mask, 0.0).square().sum().sqrt()
              for param, mask in zip(params, masks)]
@@ -51,7 +51,7 @@ def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, m
     checks.check_sgd(params, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov)
     checks.check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                               packed_panels)
-    _update_statistics(statistics, grads, statistic, statistic_ema)
+    update_statistics(statistics, grads, statistic, statistic_ema)
     for i, (param, grad, mask) in enumerate(zip(params, grads, masks)):
         direction = grad.float()
         direction = -direction if maximize else direction
@@ -70,7 +70,7 @@ def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, m
             if momentum != 0.0:
                 momentum_buffers[i].masked_fill_(pruned, 0.0)
     pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels)
-    return _error_norms(params, masks) if params else torch.empty(0)
+    return error_norms(params, masks) if params else torch.empty(0)
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, feedback, statistics, lr, beta1, beta2,
@@ -81,7 +81,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, fee
                        amsgrad)
     checks.check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                               packed_panels)
-    _update_statistics(statistics, grads, statistic, statistic_ema)
+    update_statistics(statistics, grads, statistic, statistic_ema)
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     for i, (param, grad, mask) in enumerate(zip(params, grads, masks)):
@@ -99,4 +99,4 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, fee
             for tensor in (param, exp_avgs[i], exp_avg_sqs[i], *([max_exp_avg_sqs[i]] if amsgrad else [])):
                 tensor.masked_fill_(pruned, 0.0)
     pack_after_step(params, packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels)
-    return _error_norms(params, masks) if params else torch.empty(0)
+    return error_norms(params, masks) if params else torch.empty(0)
