@@ -440,3 +440,16 @@ def test_temporary_weights_never_hit_a_stale_cache():
             expected = F.conv2d(images.double(), conv.masked_weight().double(), conv.bias.double())
             torch.testing.assert_close(conv(images).double(), expected, rtol=1e-5, atol=1e-5)
             conv.weight.mul_(-1.5)
+
+
+def test_mask_guard_op():
+    mask = torch.rand(4, 6) < 0.5
+    like = torch.randn(3, dtype=torch.bfloat16)
+    zero = torch.ops.dynasparse.mask_guard(mask, mask._version, like)
+    assert zero.dtype == torch.bfloat16 and zero.shape == () and zero.item() == 0
+    # opcheck runs the op on deep copies of its inputs, whose version counters are not the
+    # originals' (the one thing this op reads): a version no copy exceeds keeps the check silent.
+    torch.library.opcheck(torch.ops.dynasparse.mask_guard, (mask, 2**40, like))
+    mask[0, 0] = True
+    with pytest.raises(RuntimeError, match="set_mask"):
+        torch.ops.dynasparse.mask_guard(mask, mask._version - 1, like)

@@ -344,7 +344,8 @@ def _masked_mode_state_dict(module, state_dict, prefix, local_metadata):
 def _mask_guard(mask: torch.Tensor, version: int, like: torch.Tensor) -> torch.Tensor:
     """A 0-d zero of like's dtype, or an error when `mask` was modified in place since its
     plan was built at `version` (a compiled graph cannot notice that itself)."""
-    if mask._version != version:
+    # Greater, not different: version counters only grow, and a copy (as opcheck makes) starts at 0.
+    if mask._version > version:
         raise RuntimeError("dynasparse: a sparse layer's mask was modified in place under torch.compile, so the "
                            "compiled graph would compute with the old mask; change masks with layer.set_mask(mask) "
                            "(which makes dynamo retrace)")
