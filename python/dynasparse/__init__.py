@@ -13,8 +13,11 @@ except ImportError as error:
 from . import ops  # noqa: E402  (needs the ops registered by _C)
 from .dispatch import backends, format_backends, usable_backends  # noqa: E402
 from .layout import MaskPlan  # noqa: E402
+from . import nn, optim, pruning  # noqa: E402  (the layers above ops, reachable as attributes)
 from .nn import densify, load, save, sparsify  # noqa: E402
+from .nn.modules import SparseConv2d, SparseLinear, SparseTransposedLinear  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["MaskPlan", "backends", "densify", "format_backends", "load", "ops", "save", "sparsify", "usable_backends",
+__all__ = ["MaskPlan", "SparseConv2d", "SparseLinear", "SparseTransposedLinear", "backends", "densify",
+           "format_backends", "load", "nn", "ops", "optim", "pruning", "save", "sparsify", "usable_backends",
            "__version__"]

@@ -2,7 +2,7 @@
 
 from .convert import SparsifyReport, densify, sparse_masks, sparsify
 from .io import load, save
-from .modules import LAYOUT_NAMES, SparseConv2d, SparseLinear
+from .modules import LAYOUT_NAMES, SparseConv2d, SparseLinear, SparseTransposedLinear
 
-__all__ = ["LAYOUT_NAMES", "SparseConv2d", "SparseLinear", "SparsifyReport", "densify", "load", "save",
-           "sparse_masks", "sparsify"]
+__all__ = ["LAYOUT_NAMES", "SparseConv2d", "SparseLinear", "SparseTransposedLinear", "SparsifyReport", "densify",
+           "load", "save", "sparse_masks", "sparsify"]
