@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -245,6 +246,36 @@ def _load_average() -> str:
         return "unknown"
 
 
+def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """The device to train on, refused before any training when this torch cannot use it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a device; choose cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name}: the demo runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """Create --out and write a probe file in it now: the results are written after all the
+    training, too late to learn that they cannot be."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        parser.error(f"--out {out}: cannot write the results there ({error.strerror or error})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynasparse demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, few steps: a smoke test in seconds")
@@ -264,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else (96 if args.quick else 480)
     if seeds < 1 or steps < UPDATE_EVERY:
         parser.error(f"--seeds must be >= 1 and --steps >= {UPDATE_EVERY}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(parser, args.device)
+    _check_out(parser, args.out)
 
     from tqdm import tqdm
 

@@ -269,6 +269,17 @@ def bad_topk_inputs(device):
         (lambda b: ops.topk_mask(nan, 1, torch.tensor([False, True, False], device=device), backend=b), ValueError,
          "scores contains NaN among the candidates"),
         (lambda b: ops.topk_mask(nan, 0, backend=b), ValueError, "scores contains NaN"),
+        # Counts beyond int64 do not fit the op schema: a clear error, not the argument parser's.
+        (lambda b: ops.topk_mask(torch.zeros(4, device=device), 2**64, backend=b), ValueError,
+         r"topk_mask: k must be in \[0, 4\], got 18446744073709551616"),
+        (lambda b: ops.topk_mask(torch.zeros(4, device=device), -2**63 - 1, backend=b), ValueError, "k must be in"),
+        (lambda b: ops.topk_mask(torch.zeros(4, device=device), 2.0, backend=b), TypeError,
+         "topk_mask: k must be an int, got float"),
+        (lambda b: ops.topk_mask(torch.zeros(4, device=device), True, backend=b), TypeError,
+         "k must be an int, got bool"),
+        (lambda b: ops.topk_mask([0.0, 1.0], 1, backend=b), TypeError, "scores must be a torch.Tensor, got list"),
+        (lambda b: ops.topk_mask(torch.zeros(4, device=device), 1, [True] * 4, backend=b), TypeError,
+         "candidates must be a torch.Tensor"),
     ]
 
 
@@ -284,6 +295,15 @@ def bad_global_inputs(device):
         (lambda b: ops.topk_mask_global([ok, ok], -2, backend=b), ValueError, "k must be >= 0"),
         (lambda b: ops.topk_mask_global([ok, ok, torch.tensor([[0.0, float("nan")]], device=device)], 1, backend=b),
          ValueError, r"topk_mask_global: scores\[2\] contains NaN"),
+        # A tensor iterates over its rows: it must not pass for a list of tensors.
+        (lambda b: ops.topk_mask_global(torch.zeros(3, 4, device=device), 2, backend=b), TypeError,
+         "scores must be a list or tuple of tensors, got Tensor"),
+        (lambda b: ops.topk_mask_global(iter([ok]), 1, backend=b), TypeError, "must be a list or tuple"),
+        (lambda b: ops.topk_mask_global([ok, [0.0]], 1, backend=b), TypeError,
+         r"scores\[1\] must be a torch.Tensor, got list"),
+        (lambda b: ops.topk_mask_global([ok, ok], 2**64, backend=b), ValueError,
+         r"k must be in \[0, 6\], got 18446744073709551616"),
+        (lambda b: ops.topk_mask_global([ok], 1.0, backend=b), TypeError, "k must be an int, got float"),
     ]
 
 
@@ -301,6 +321,12 @@ def bad_nm_inputs(device):
          "at least one dimension"),
         (lambda b: ops.nm_mask(torch.tensor([[1.0, float("nan")]], device=device), 1, 2, backend=b), ValueError,
          "nm_mask: scores contains NaN"),
+        (lambda b: ops.nm_mask(torch.zeros(2, 8, device=device), 2**64, 4, backend=b), ValueError,
+         r"n must be in \[0, m\] = \[0, 4\], got 18446744073709551616"),
+        (lambda b: ops.nm_mask(torch.zeros(2, 0, device=device), 0, 2**64, backend=b), ValueError,
+         "m must be a positive divisor of the last dimension, got 18446744073709551616"),
+        (lambda b: ops.nm_mask(torch.zeros(2, 8, device=device), 2.0, 4, backend=b), TypeError,
+         "n must be an int, got float"),
     ]
 
 
@@ -386,6 +412,10 @@ def test_rigl_update_rejects_bad_input():
         ops.rigl_update(weight, mask, grad, 1, state=[torch.zeros(3)])
     with pytest.raises(ValueError, match="grad must have weight's shape"):
         ops.rigl_update(weight, mask, grad[:2], 1)
+    before = weight.clone()
+    with pytest.raises(TypeError, match="rigl_update: k must be an int, got float"):
+        ops.rigl_update(weight, mask, grad, 1.5)
+    assert torch.equal(weight, before)  # refused before it zeroes grown weights
 
 
 # Structured scores ---------------------------------------------------------------------

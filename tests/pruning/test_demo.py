@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from dynasparse import demo
 from dynasparse.cli import main as cli_main
@@ -44,7 +45,71 @@ def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_speed_section_reports_ratios():
-    # The demo times 4096 features; the same code on a small layer keeps the test fast.
-    for entry in demo.speed_section(torch.device("cpu"), quick=True, features=256):
-        assert entry["ratio"] == pytest.approx(entry["dense_ms"] / entry["sparse_ms"])
+def test_speed_section_times_dense_against_the_sparse_layer(monkeypatch):
+    """Each mode times nn.Linear as the baseline and the 90% SparseLinear, in that mode, as the
+    variant, and reports dense / sparse: a fake `harness.measure` records which layer each timed
+    call ran and returns known medians for each."""
+    from dynasparse.bench import harness
+    from dynasparse.nn import SparseLinear
+
+    ran = []
+    for cls in (nn.Linear, SparseLinear):
+        original = cls.forward
+
+        def forward(self, x, original=original):
+            ran.append((type(self), getattr(self, "grad_mode", None), getattr(self, "sparsity", 0.0),
+                        torch.is_grad_enabled()))
+            return original(self, x)
+
+        monkeypatch.setattr(cls, "forward", forward)
+    timed = []
+
+    def fake_measure(fn, *, sync, target_s):
+        ran.clear()
+        fn()
+        timed.append(list(ran))
+        median = {nn.Linear: 6.0, SparseLinear: 1.5}[ran[0][0]]
+        return harness.Timing(median, median, 0.0, 1, 1)
+
+    monkeypatch.setattr(harness, "measure", fake_measure)
+    results = demo.speed_section(torch.device("cpu"), quick=True, features=64)
+    assert [entry["mode"] for entry in results] == ["train-feedback", "train-masked", "inference"]
+    for entry in results:
+        assert (entry["dense_ms"], entry["sparse_ms"], entry["ratio"]) == (6.0, 1.5, 4.0)
+    expected = [("feedback", True), ("masked", True), ("feedback", False)]
+    assert len(timed) == 6
+    for (grad_mode, training), dense, sparse in zip(expected, timed[0::2], timed[1::2]):
+        assert [(call[0], call[3]) for call in dense] == [(nn.Linear, training)]
+        assert len(sparse) == 1 and sparse[0][0] is SparseLinear and sparse[0][3] == training
+        assert sparse[0][1] == grad_mode and sparse[0][2] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_speed_section_measures_real_times():
+    for entry in demo.speed_section(torch.device("cpu"), quick=True, features=128):
+        assert 0 < entry["dense_ms"] < 1e3 and 0 < entry["sparse_ms"] < 1e3
+
+
+def _refuses_before_training(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(demo, "train_run", lambda *args, **kwargs: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "--quick", "--no-speed", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_cuda_without_a_cuda_device(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refuses_before_training(monkeypatch, capsys, ["--device", "cuda"], "sees no CUDA device")
+
+
+@pytest.mark.parametrize("device,message", [("tpu", "not a device"), ("meta", "runs on cpu or cuda")])
+def test_demo_refuses_unknown_devices(monkeypatch, capsys, device, message):
+    _refuses_before_training(monkeypatch, capsys, ["--device", device], message)
+
+
+@pytest.mark.parametrize("where", ["file", "below-a-file"])
+def test_demo_refuses_an_unwritable_out_before_training(monkeypatch, capsys, tmp_path, where):
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "demo"
+    _refuses_before_training(monkeypatch, capsys, ["--out", str(out)], "cannot write the results there")

@@ -279,3 +279,214 @@ def test_sparse_layers_compute_with_the_weights_after_every_step(optimizer_cls):
             h = torch.relu(nn.functional.linear(h.flatten(1), model.fc1.weight * model.fc1.mask, model.fc1.bias))
             expected = nn.functional.linear(h, model.fc2.weight * model.fc2.mask, model.fc2.bias)
             torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _layout_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(collections.OrderedDict([
+        ("fc1", nn.Linear(96, 64)), ("relu1", nn.ReLU()), ("fc2", nn.Linear(64, 48)), ("relu2", nn.ReLU()),
+        ("conv", nn.Conv2d(16, 32, 2)), ("fc3", nn.Linear(48, 32))]))
+
+
+def _block_rms(weight_2d, block):
+    """Root mean square |w| of every block, float64."""
+    n, k = weight_2d.shape
+    tiles = weight_2d.detach().double().reshape(n // block, block, k // block, block)
+    return tiles.square().mean((1, 3)).sqrt()
+
+
+def _whole_blocks(mask_2d, block):
+    n, k = mask_2d.shape
+    tiles = mask_2d.reshape(n // block, block, k // block, block)
+    kept = tiles.all(3).all(1)
+    assert torch.equal(kept, tiles.any(3).any(1)), "a block is partly kept"
+    return kept
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
+def test_pruners_select_whole_blocks_on_block_layers(distribution):
+    model = _layout_model(11)
+    dynasparse.sparsify(model, 0.0, layout="block16", exclude=["fc3"])
+    pruner = pruning.OneShotMagnitude(model, 0.9, distribution=distribution)
+    blocks = {}
+    for name in ("fc1", "fc2", "conv"):
+        layer = model.get_submodule(name)
+        weight_2d = layer.weight.reshape(layer.weight.shape[0], -1)
+        kept = _whole_blocks(layer.mask.reshape(weight_2d.shape), 16)
+        rms = _block_rms(weight_2d, 16)
+        if kept.any() and (~kept).any():
+            assert rms[kept].min() >= rms[~kept].max()  # the largest blocks of the layer
+        blocks[name] = (kept, rms)
+        if distribution == "uniform":
+            assert int(kept.sum()) == round(kept.numel() * 0.1)
+    total = sum(layer.mask.numel() for layer in pruner.layers.values())
+    active = sum(int(layer.mask.sum()) for layer in pruner.layers.values())
+    # whole blocks: each block layer within half a block of its share of the exact count
+    assert abs(active - round(total * 0.1)) <= 3 * 16 * 16 / 2
+    if distribution == "global":
+        # one threshold over the blocks' RMS and the unstructured layer's |w|
+        kept_scores = torch.cat([rms[kept] for kept, rms in blocks.values()] +
+                                [model.fc3.weight.detach().double().abs()[model.fc3.mask]])
+        dropped_scores = torch.cat([rms[~kept] for kept, rms in blocks.values()] +
+                                   [model.fc3.weight.detach().double().abs()[~model.fc3.mask]])
+        assert kept_scores.min() >= dropped_scores.max() - 1e-6
+    if distribution == "uniform":
+        fresh = _layout_model(11)
+        dynasparse.sparsify(fresh, 0.9, layout="block16", exclude=["fc3"])
+        for name in ("fc1", "fc2", "conv"):
+            assert torch.equal(model.get_submodule(name).mask, fresh.get_submodule(name).mask)
+
+
+def _check_2_4(layer, expected_active):
+    weight_2d = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    mask_2d = layer.mask.reshape(weight_2d.shape)
+    groups = mask_2d.reshape(mask_2d.shape[0], -1, 4)
+    assert int(groups.sum(-1).max()) <= 2
+    assert int(mask_2d.sum()) == expected_active
+    # oracle: the largest |w| among the 2 largest of each group of 4 (float64 stable sort)
+    magnitude = weight_2d.abs().reshape(groups.shape)
+    top2 = torch.zeros_like(groups)
+    top2.scatter_(-1, torch.argsort(magnitude, dim=-1, descending=True, stable=True)[..., :2], True)
+    candidates = magnitude[top2]
+    expected = torch.zeros(candidates.numel(), dtype=torch.bool)
+    expected[torch.argsort(candidates, descending=True, stable=True)[:expected_active]] = True
+    assert torch.equal(groups[top2], expected)
+
+
+def test_dpf_on_2_4_layers_prunes_within_the_groups_and_reports_the_cap():
+    model = _layout_model(12)
+    dynasparse.sparsify(model, 0.5, layout="2:4", include=["fc1", "fc2"])
+    steps = 40
+    pruner = pruning.DPF(model, 0.9, steps, ramp_end=0.5, update_every=4, distribution="uniform",
+                         include=["fc1", "fc2"])
+    for layer in pruner.layers.values():  # ramp at 0: the layers stay at their 50%
+        _check_2_4(layer, layer.mask.numel() // 2)
+    assert "stay at sparsity 0.5 or more where the target is 0.0000" in str(pruner.report())
+    optimizer = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner.attach(optimizer)
+    x = torch.randn(16, 96)
+
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        model.fc2(model.relu1(model.fc1(x))).square().mean().backward()
+        optimizer.step()
+        pruner.step()
+        if step % 4 == 0:
+            for layer in pruner.layers.values():
+                _check_2_4(layer, min(round(layer.mask.numel() * (1 - pruner.target)), layer.mask.numel() // 2))
+    assert pruner.target == 0.9 and "stay at sparsity" not in str(pruner.report())
+    assert "2:4" in str(pruner.report())
+
+
+def test_global_selection_on_2_4_layers_moves_the_capped_share_elsewhere():
+    model = _layout_model(13)
+    dynasparse.sparsify(model, 0.5, layout="2:4", include=["fc1"])
+    pruner = pruning.OneShotMagnitude(model, 0.3, include=["fc1", "fc2", "fc3"])
+    total = sum(layer.mask.numel() for layer in pruner.layers.values())
+    assert sum(int(layer.mask.sum()) for layer in pruner.layers.values()) == round(total * 0.7)
+    groups = model.fc1.mask.reshape(model.fc1.mask.shape[0], -1, 4)
+    assert int(groups.sum(-1).max()) <= 2
+
+
+def test_gradual_row_pruning_never_revives_a_row():
+    model = _model(14)
+    pruner = pruning.GradualMagnitude(model, 0.6, 40, update_every=4, granularity="row", distribution="uniform",
+                                      include=["conv2", "fc1"])
+    optimizer = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner.attach(optimizer)
+    previous = {name: layer.mask.clone() for name, layer in pruner.layers.items()}
+
+    def check(step):
+        for name, layer in pruner.layers.items():
+            assert not bool((layer.mask & ~previous[name]).any()), (name, step)
+            previous[name] = layer.mask.clone()
+
+    _train(model, optimizer, pruner, 40, on_step=check)
+    assert all(int(layer.mask.reshape(layer.mask.shape[0], -1).all(1).sum()) == round(layer.mask.shape[0] * 0.4)
+               for layer in pruner.layers.values())
+
+
+def test_row_granularity_refuses_structured_layouts():
+    model = _layout_model(15)
+    dynasparse.sparsify(model, 0.0, layout="block16", include=["fc1"])
+    with pytest.raises(ValueError, match=r"granularity='row' needs unstructured layers.*fc1 \(block16\)"):
+        pruning.OneShotMagnitude(model, 0.5, granularity="row")
+
+
+@pytest.mark.parametrize("build,error,message", [
+    (lambda m: pruning.DPF(m, 0.9, -5), ValueError, "DPF: total_steps must be >= 1, got -5"),
+    (lambda m: pruning.DPF(m, 0.9, 0), ValueError, "total_steps must be >= 1"),
+    (lambda m: pruning.DPF(m, 0.9, 10.5), TypeError, "total_steps must be an int"),
+    (lambda m: pruning.DPF(m, 0.9, True), TypeError, "total_steps must be an int"),
+    (lambda m: pruning.DPF(m, 1.2, 100), ValueError, r"sparsity must be a number in \[0, 1\)"),
+    (lambda m: pruning.DPF(m, float("nan"), 100), ValueError, "sparsity must be a number"),
+    (lambda m: pruning.DPF(m, "0.9", 100), TypeError, "sparsity must be a number"),
+    (lambda m: pruning.DPF(m, 0.9, 100, ramp_end=float("nan")), ValueError, "ramp_end"),
+    (lambda m: pruning.DPF(m, 0.9, 100, ramp_end="end"), TypeError, "ramp_end"),
+    (lambda m: pruning.DPF(m, 0.9, 100, update_every=0), ValueError, "update_every must be >= 1"),
+    (lambda m: pruning.DPF(m, 0.9, 100, update_every=2.0), TypeError, "update_every must be an int"),
+    (lambda m: pruning.DPF(m, 0.9, 100, update_until=-1), ValueError, "update_until must be >= 0"),
+    (lambda m: pruning.DPF(m, 0.9, 100, seed=-1), ValueError, "seed must be in"),
+    (lambda m: pruning.DPF(m, 0.9, 100, seed=2**64), ValueError, "seed must be in"),
+    (lambda m: pruning.DPF(m, 0.9, 100, exclude=5), TypeError, "exclude must be"),
+    (lambda m: pruning.DPF(m, 0.9, 100, granularity="block"), ValueError, "granularity must be one of"),
+    (lambda m: pruning.DPF("model", 0.9, 100), TypeError, "model must be an nn.Module"),
+    (lambda m: pruning.GradualMagnitude(m, 0.9, -1), ValueError, "GradualMagnitude: total_steps must be >= 1"),
+    (lambda m: pruning.GradualMagnitude(m, 0.9, 100, start=-0.5), ValueError, "start"),
+    (lambda m: pruning.GradualMagnitude(m, 0.9, 100, start=0.5, end=0.5), ValueError, "start < end"),
+    (lambda m: pruning.GradualMagnitude(m, 0.9, 100, end=float("nan")), ValueError, "end"),
+    (lambda m: pruning.GradualMagnitude(m, -0.1, 100), ValueError, "sparsity"),
+    (lambda m: pruning.OneShotMagnitude(m, 1.0), ValueError,
+     r"OneShotMagnitude: sparsity must be a number in \[0, 1\)"),
+    (lambda m: pruning.OneShotMagnitude(m, None), TypeError, "sparsity must be a number"),
+    (lambda m: pruning.RandomPruning(m, 1.5), ValueError, r"in \[0, 1\)"),
+    (lambda m: pruning.RandomPruning(m, lambda step: 1.5), ValueError, "returned 1.5 at step 0"),
+])
+def test_pruner_arguments_are_checked_before_the_model_changes(build, error, message):
+    model = _model(16)
+    with pytest.raises(error, match=message):
+        build(model)
+    assert not any(isinstance(module, (SparseLinear, SparseConv2d)) for module in model.modules())
+
+
+@pytest.mark.parametrize("bad", [1.5, float("nan"), -0.25, None, "0.9"])
+def test_a_bad_schedule_value_names_the_schedule_and_the_step(bad):
+    def schedule(step):
+        return 0.5 if step < 8 else bad
+
+    model = _model(17)
+    pruner = pruning.RandomPruning(model, schedule, update_every=4)
+    optimizer = optim.SGD(model.parameters(), lr=0.05)
+    pruner.attach(optimizer)
+    masks = [layer.mask.clone() for layer in pruner.layers.values()]
+    _train(model, optimizer, pruner, 7)
+    with pytest.raises((ValueError, TypeError), match=r"schedule <function .*schedule.* returned .* at step 8"):
+        _train(model, optimizer, pruner, 1, start=7)
+    for layer, mask in zip(pruner.layers.values(), masks):  # the masks of step 4 stay
+        assert int(layer.mask.sum()) == int(mask.sum())
+
+
+def test_transposed_layers_are_pruned_in_the_layout_of_the_matrix_their_kernels_see():
+    """GPT-2's Conv1D stores [in, out]: its 2:4 groups run along `in` (the kernels' K), which is
+    the stored weight's first dimension."""
+    from dynasparse.nn.modules import SparseTransposedLinear
+
+    torch.manual_seed(18)
+    model = nn.Sequential(SparseTransposedLinear(64, 32, layout="2:4"),
+                          SparseTransposedLinear(32, 48, layout="block16"))
+    pruning.OneShotMagnitude(model, 0.8, distribution="uniform")
+    nm, block = model
+    groups = nm.mask.T.reshape(32, -1, 4)
+    assert int(groups.sum(-1).max()) <= 2 and int(nm.mask.sum()) == round(nm.mask.numel() * 0.2)
+    kept = _whole_blocks(block.mask.T, 16)
+    assert int(kept.sum()) == round(kept.numel() * 0.2)
+    rms = _block_rms(block.weight.T, 16)
+    assert rms[kept].min() >= rms[~kept].max()
+    x = torch.randn(3, 64)
+    hidden = x.double() @ _masked(nm).double() + nm.bias.double()
+    expected = hidden @ _masked(block).double() + block.bias.double()
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _masked(layer):
+    return torch.where(layer.mask, layer.weight, 0)

@@ -4,8 +4,10 @@ import math
 import random
 
 import pytest
+import torch
 
 from dynasparse.pruning import Constant, CosineDecay, Cubic, Linear, as_schedule
+from dynasparse.pruning.schedules import sparsity_at
 
 
 def _cubic_oracle(t, s_i, s_f, t0, t1):
@@ -57,3 +59,37 @@ def test_as_schedule_and_bad_arguments():
         Cubic(0.9, end=5, start=5)
     with pytest.raises(ValueError, match="in \\[0, 1\\)"):
         Constant(-0.1)
+
+
+@pytest.mark.parametrize("value,error", [(1.5, ValueError), (1.0, ValueError), (float("nan"), ValueError),
+                                         (-1e-9, ValueError), (float("inf"), ValueError), (None, TypeError),
+                                         ("0.5", TypeError), (True, TypeError), (torch.tensor([0.1, 0.2]), TypeError)])
+def test_a_schedule_value_outside_0_1_is_an_error_naming_schedule_and_step(value, error):
+    schedule = Linear(0.5, end=10)
+    bad = lambda step: schedule(step) if step != 7 else value  # noqa: E731
+    assert [sparsity_at(bad, step) for step in range(7)] == [schedule(step) for step in range(7)]
+    with pytest.raises(error, match=r"the schedule <function .*<lambda> at 0x[0-9a-f]+> returned .* at step 7"):
+        sparsity_at(bad, 7)
+
+
+def test_a_schedule_may_return_any_real_number_type():
+    assert sparsity_at(lambda step: torch.tensor(0.25), 3) == 0.25
+    assert sparsity_at(lambda step: 0, 3) == 0.0
+    assert isinstance(sparsity_at(Cubic(0.9, end=10), 5), float)
+
+
+@pytest.mark.parametrize("build,error,message", [
+    (lambda: Cubic(0.9, end="10"), TypeError, "end must be an int"),
+    (lambda: Cubic(0.9, end=10.5), TypeError, "end must be an int"),
+    (lambda: Linear(0.9, end=10, start=-1), ValueError, "start must be >= 0"),
+    (lambda: Linear(0.9, end=10, start=True), TypeError, "start must be an int"),
+    (lambda: Cubic(float("nan"), end=10), ValueError, r"final must be a number in \[0, 1\)"),
+    (lambda: Cubic(0.9, end=10, initial="0"), TypeError, "initial must be a number"),
+    (lambda: CosineDecay(end=0), ValueError, "end must be >= 1"),
+    (lambda: CosineDecay(end=10, alpha=float("nan")), ValueError, r"alpha must be a number in \[0, 1\]"),
+    (lambda: Constant(None), TypeError, "value must be a number"),
+    (lambda: as_schedule(True), TypeError, "callable"),
+])
+def test_schedule_arguments_are_checked(build, error, message):
+    with pytest.raises(error, match=message):
+        build()

@@ -169,7 +169,7 @@ class _SparseMixin:
             raise ValueError(f"dynasparse: {what} has shape {list(mask.shape)} but weight has shape "
                              f"{list(self.weight.shape)}")
         if not mask.is_meta:
-            check_layout(self._layout_kind, self._block, mask.reshape(self._weight_2d().shape))
+            check_layout(self._layout_kind, self._block, self.as_matrix(mask))
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Replace the mask (copied into the `mask` buffer, so optimizers holding it see the
@@ -251,7 +251,11 @@ class _SparseMixin:
         self.set_mask(self._from_2d(magnitude_mask(self._weight_2d(), sparsity, self.layout)))
 
     def _mask_2d(self) -> torch.Tensor:
-        return self.mask.reshape(self._weight_2d().shape)
+        return self.as_matrix(self.mask)
+
+    def as_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor as the [N, K] matrix the kernels multiply."""
+        return tensor.reshape(self._weight_2d().shape)
 
     def _from_2d(self, mask_2d: torch.Tensor) -> torch.Tensor:
         return mask_2d.reshape(self.weight.shape)
@@ -420,6 +424,8 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         if self.groups != 1 and self._layout_kind != "unstructured":
             raise ValueError(f"dynasparse: layout {self.layout!r} is not supported for grouped convolutions "
                              f"(groups={self.groups}); use layout='unstructured'")
+        if self.padding == "same":
+            self._same_padding()  # refuses an even effective kernel at construction, not at the first forward
         super()._check_layout_fits()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -584,8 +590,8 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
     def _weight_2d(self) -> torch.Tensor:
         return self.weight.T
 
-    def _mask_2d(self) -> torch.Tensor:
-        return self.mask.T
+    def as_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.T
 
     def _from_2d(self, mask_2d: torch.Tensor) -> torch.Tensor:
         return mask_2d.T.contiguous()

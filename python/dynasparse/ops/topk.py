@@ -14,6 +14,7 @@ on `topk_mask`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +61,29 @@ def _nm_mask_triton(scores, n, m):
     return kernels.nm_mask(scores, n, m)
 
 
+# The ops' schemas carry counts as int64: a larger Python int would fail in the argument
+# parser with "Expected int, found int".
+_INT64_MAX = 2**63 - 1
+
+
+def _count(op: str, name: str, value, valid: str) -> int:
+    """`value` as an int, or a clear error naming the argument (`valid`: what it must be)."""
+    if isinstance(value, bool):
+        raise TypeError(f"dynasparse.{op}: {name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"dynasparse.{op}: {name} must be an int, got {type(value).__name__}") from None
+    if abs(value) > _INT64_MAX:
+        raise ValueError(f"dynasparse.{op}: {name} must be {valid}, got {value}")
+    return value
+
+
+def _tensor(op: str, name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"dynasparse.{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 _topk = Op("topk_mask", fake=_topk_mask_fake, reference=reference.topk_mask,
            triton=_topk_mask_triton if _HAS_TRITON_KERNELS else None)
 _global = Op("topk_mask_global", fake=_topk_mask_global_fake, reference=reference.topk_mask_global,
@@ -76,7 +100,10 @@ def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = No
     smallest kept score as a 0-d tensor of scores' dtype (+inf when k == 0). Ties keep the
     lower flat index. k must be in [0, number of candidates].
     """
-    return _topk(scores, k, candidates, backend=backend)
+    _tensor("topk_mask", "scores", scores)
+    if candidates is not None:
+        _tensor("topk_mask", "candidates", candidates)
+    return _topk(scores, _count("topk_mask", "k", k, f"in [0, {scores.numel()}]"), candidates, backend=backend)
 
 
 def topk_mask_global(scores: Sequence[torch.Tensor], k: int, *,
@@ -88,7 +115,14 @@ def topk_mask_global(scores: Sequence[torch.Tensor], k: int, *,
     then the lower flat index. An empty list needs no kernel: it gives `([], +inf)` (a
     float32 on the CPU) for k == 0 on any backend.
     """
+    # A tensor is a sequence too: iterating one would take its rows for the tensors.
+    if not isinstance(scores, (list, tuple)):
+        raise TypeError(f"dynasparse.topk_mask_global: scores must be a list or tuple of tensors, got "
+                        f"{type(scores).__name__} (for one tensor use topk_mask)")
+    for i, tensor in enumerate(scores):
+        _tensor("topk_mask_global", f"scores[{i}]", tensor)
     scores = list(scores)
+    k = _count("topk_mask_global", "k", k, f"in [0, {sum(tensor.numel() for tensor in scores)}]")
     if not scores:
         return reference.topk_mask_global(scores, k)
     return _global(scores, k, backend=backend)
@@ -97,7 +131,9 @@ def topk_mask_global(scores: Sequence[torch.Tensor], k: int, *,
 def nm_mask(scores: torch.Tensor, n: int, m: int, *, backend: str | None = None) -> torch.Tensor:
     """N:M mask: the n largest of every group of m consecutive elements along the last
     dimension (a multiple of m), ties to the lower index."""
-    return _nm(scores, n, m, backend=backend)
+    _tensor("nm_mask", "scores", scores)
+    m = _count("nm_mask", "m", m, "a positive divisor of the last dimension")
+    return _nm(scores, _count("nm_mask", "n", n, f"in [0, m] = [0, {m}]"), m, backend=backend)
 
 
 def _pair(block: int | Sequence[int]) -> tuple[int, int]:
@@ -161,6 +197,7 @@ def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k:
     (optimizer state shaped like the weight) are zeroed in place at the grown positions.
     """
     _check_rigl(weight, mask, grad, state)
+    k = _count("rigl_update", "k", k, "in [0, min(active, inactive weights)]")
     active = int(mask.sum())
     inactive = mask.numel() - active
     if k < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .pruner import Pruner
-from .schedules import Cubic
+from .schedules import Cubic, check_int, check_real
 
 
 class DPF(Pruner):
@@ -26,7 +26,9 @@ class DPF(Pruner):
 
     def __init__(self, model: nn.Module, sparsity: float, total_steps: int, *, ramp_end: float = 0.75,
                  update_every: int = 16, **kwargs):
-        if not 0.0 < ramp_end <= 1.0:
-            raise ValueError(f"dynasparse.pruning.DPF: ramp_end is a fraction of training in (0, 1], got {ramp_end!r}")
+        owner = "dynasparse.pruning.DPF"
+        check_real(owner, "sparsity", sparsity, "[0, 1)")
+        check_int(owner, "total_steps", total_steps, 1)
+        check_real(owner, "ramp_end (a fraction of training)", ramp_end, "(0, 1]")
         schedule = Cubic(sparsity, end=max(1, round(ramp_end * total_steps)))
         super().__init__(model, schedule, update_every=update_every, **kwargs)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .pruner import Pruner
-from .schedules import Cubic
+from .schedules import Cubic, check_int, check_real
 
 
 def active_magnitude(layer: nn.Module) -> torch.Tensor:
@@ -24,6 +24,7 @@ class OneShotMagnitude(Pruner):
     grad_mode = "masked"
 
     def __init__(self, model: nn.Module, sparsity: float, **kwargs):
+        check_real("dynasparse.pruning.OneShotMagnitude", "sparsity", sparsity, "[0, 1)")
         super().__init__(model, sparsity, update_every=None, **kwargs)
 
 
@@ -37,9 +38,14 @@ class GradualMagnitude(Pruner):
 
     def __init__(self, model: nn.Module, sparsity: float, total_steps: int, *, start: float = 0.0,
                  end: float = 0.75, update_every: int = 16, **kwargs):
-        if not 0.0 <= start < end <= 1.0:
-            raise ValueError(f"dynasparse.pruning.GradualMagnitude: need 0 <= start < end <= 1 (fractions of "
-                             f"training), got start={start!r}, end={end!r}")
+        owner = "dynasparse.pruning.GradualMagnitude"
+        check_real(owner, "sparsity", sparsity, "[0, 1)")
+        check_int(owner, "total_steps", total_steps, 1)
+        check_real(owner, "start (a fraction of training)", start, "[0, 1]")
+        check_real(owner, "end (a fraction of training)", end, "[0, 1]")
+        if not start < end:
+            raise ValueError(f"{owner}: need 0 <= start < end <= 1 (fractions of training), got start={start!r}, "
+                             f"end={end!r}")
         first, last = round(start * total_steps), max(round(end * total_steps), round(start * total_steps) + 1)
         super().__init__(model, Cubic(sparsity, end=last, start=first), update_every=update_every,
                          update_until=last, **kwargs)

@@ -11,11 +11,18 @@ pluggable stages:
    user before `update()`, and returns them here.
 2. target: the schedule's sparsity at this step (`schedules`: constant, cubic, linear, or any
    callable `step -> float`).
-3. granularity: weights, or rows (output neurons / conv filters: the L2 norm of the row's
-   scores, whole rows kept or pruned).
+3. granularity and layout: weights, or rows (output neurons / conv filters, whole rows kept
+   or pruned); a layer's layout decides its units too. A block layer selects whole blocks
+   (a block's score is the L2 norm of its scores, as `magnitude_mask` scores it); a 2:4 layer
+   selects among the 2 largest scores of every group of 4, so it holds at most half its
+   weights: a target above 0.5 is met in 2:4 groups, a target below leaves it at 0.5.
 4. selection: the distribution turns the global target and the scores into kept masks
    (`distributions`: one global threshold via `ops.topk_mask_global`, or per-layer counts,
-   uniform or ERK, via `ops.topk_mask`).
+   uniform or ERK, via `ops.topk_mask`). It sees one score per weight: a block's weights
+   carry their block's score divided by the block size (its root mean square, for |w|, so
+   one global threshold compares it with single weights), a 2:4 layer's weights outside
+   the 2-of-4 candidates -inf; each layer's count is then rounded to whole blocks (or capped
+   at the candidates) and its units chosen by that score.
 
 The new masks are written into the layers' `mask` buffers (`set_mask`, which the optimizer
 registered with `attach` sees in place). The pruner's `grad_mode` decides the training rule:
@@ -48,16 +55,18 @@ the same masks even if scores differ in the last bit.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .. import ops
 from ..nn import sparsify
-from ..nn.convert import Selector, _matches
+from ..nn.convert import Selector, _matches, check_selector
 from ..nn.modules import SPARSE_MODULES, SparseTransposedLinear
 from .distributions import Distribution, as_distribution
-from .schedules import Schedule, as_schedule
+from .schedules import Schedule, as_schedule, check_int, sparsity_at
 
 GRANULARITIES = ("weight", "row")
 
@@ -70,6 +79,7 @@ class LayerReport:
     active: int
     last_flip_rate: float | None
     reactivated: int
+    layout: str = "unstructured"
 
     @property
     def sparsity(self) -> float:
@@ -111,13 +121,14 @@ class PruningReport:
         return sum(layer.reactivated for layer in self.layers) / self.numel if self.numel else 0.0
 
     def __str__(self) -> str:
-        rows = [("layer", "shape", "weights", "active", "sparsity", "last flips", "re-activated")]
+        rows = [("layer", "shape", "layout", "weights", "active", "sparsity", "last flips", "re-activated")]
         for layer in self.layers:
             flips = "-" if layer.last_flip_rate is None else f"{layer.last_flip_rate:.4f}"
-            rows.append((layer.name, "x".join(map(str, layer.shape)), str(layer.numel), str(layer.active),
-                         f"{layer.sparsity:.4f}", flips, f"{layer.reactivated / max(layer.numel, 1):.4f}"))
+            rows.append((layer.name, "x".join(map(str, layer.shape)), layer.layout, str(layer.numel),
+                         str(layer.active), f"{layer.sparsity:.4f}", flips,
+                         f"{layer.reactivated / max(layer.numel, 1):.4f}"))
         last = f"{self.flip_rates[-1][1]:.4f}" if self.flip_rates else "-"
-        rows.append(("total (prunable)", "", str(self.numel), str(sum(layer.active for layer in self.layers)),
+        rows.append(("total (prunable)", "", "", str(self.numel), str(sum(layer.active for layer in self.layers)),
                      f"{self.sparsity:.4f}", last, f"{self.reactivated_fraction:.4f}"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
@@ -126,16 +137,29 @@ class PruningReport:
         target = "-" if self.target is None else f"{self.target:.4f}"
         lines.append(f"step {self.step}, target {target}, {len(self.flip_rates)} mask update(s); "
                      f"whole model {self.model_sparsity:.4f} sparse ({self.dense_weights} weights kept dense)")
+        capped = [layer.name for layer in self.layers if layer.layout == "2:4"]
+        if capped and self.target is not None and self.target < 0.5:
+            lines.append(f"2:4 layers keep at most 2 of every 4 weights: {', '.join(capped)} stay at sparsity 0.5 or "
+                         f"more where the target is {self.target:.4f}")
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
+
+
+def _signed_norm(norm: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
+    """A unit's score (a row, a block): the L2 `norm` of its nonnegative scores minus that of
+    its negative ones. For |w| that is the unit's L2 norm; units the masked algorithms mark as
+    pruned (scores -1, see magnitude.active_magnitude) stay below every live one, where a
+    plain norm would rank them among the largest and revive them."""
+    return norm(scores.clamp(min=0)) - norm(scores.clamp(max=0))
 
 
 class Pruner:
     """Base pruner: magnitude scores, a schedule, a distribution, a grad mode.
 
     model: the model (or its DistributedDataParallel wrapper, sparsified before wrapping);
-        matching nn.Linear / nn.Conv2d are replaced by sparse layers (so build the optimizer
-        afterwards and `attach` it), matching sparse layers are taken as they are.
+        matching nn.Linear / nn.Conv2d are replaced by unstructured sparse layers (so build the
+        optimizer afterwards and `attach` it), matching sparse layers are taken as they are,
+        with their layout (`sparsify(model, 0.0, layout="block32")` first for block pruning).
     schedule: target sparsity per step: a number, a `schedules` object or any callable.
     optimizer: a dynasparse optimizer owning the sparse weights (or call `attach` later).
     distribution: "global", "uniform", "erk" or a `distributions.Distribution`.
@@ -144,8 +168,9 @@ class Pruner:
     update_every: the mask is recomputed when the step count is a multiple of it (None: only
         at construction, step 0); update_until: the last update, made even when it falls between
         two periods (None: never stop).
-    granularity: "weight" or "row" (whole output neurons / filters).
-    seed: seeds the pruner's own torch.Generator (random scores); same seed on every rank.
+    granularity: "weight" or "row" (whole output neurons / filters; unstructured layers only).
+    seed: seeds the pruner's own torch.Generator (random scores), an int in [0, 2**64); the same
+        on every rank.
     """
 
     grad_mode = "masked"
@@ -154,19 +179,31 @@ class Pruner:
                  distribution: Distribution | str = "global", include: Selector = None, exclude: Selector = None,
                  update_every: int | None = 16, update_until: int | None = None, granularity: str = "weight",
                  seed: int = 0):
-        if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
-            raise ValueError(f"dynasparse.pruning: update_every must be a positive int or None, got {update_every!r}")
+        owner = f"dynasparse.pruning.{type(self).__name__}"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+        if update_every is not None:
+            check_int(owner, "update_every", update_every, 1)
+        if update_until is not None:
+            check_int(owner, "update_until", update_until, 0)
         if granularity not in GRANULARITIES:
-            raise ValueError(f"dynasparse.pruning: granularity must be one of {', '.join(GRANULARITIES)}, "
-                             f"got {granularity!r}")
+            raise ValueError(f"{owner}: granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        check_int(owner, "seed", seed, 0, 2**64 - 1)
+        check_selector("include", include)
+        check_selector("exclude", exclude)
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
         self.model = model.module if wrapped else model
         self.schedule = as_schedule(schedule)
+        sparsity_at(self.schedule, 0)  # a bad schedule fails before the model is changed
         self.distribution = as_distribution(distribution)
         self.update_every, self.update_until, self.granularity = update_every, update_until, granularity
         self.skipped: dict[str, str] = {}
         if not wrapped:
-            self.skipped = dict(sparsify(self.model, 0.0, include=include, exclude=exclude,
+            # Sparse layers are taken as they are: sparsify would re-prune them.
+            def dense_only_excluded(name: str, module: nn.Module) -> bool:
+                return isinstance(module, SPARSE_MODULES) or _matches(exclude, name, module, False)
+
+            self.skipped = dict(sparsify(self.model, 0.0, include=include, exclude=dense_only_excluded,
                                          grad_mode=self.grad_mode).skipped)
         self.layers: dict[str, nn.Module] = {
             name: module for name, module in self.model.named_modules()
@@ -178,6 +215,10 @@ class Pruner:
         if granularity == "row" and any(isinstance(m, SparseTransposedLinear) for m in self.layers.values()):
             raise ValueError("dynasparse.pruning: granularity='row' does not support transposed-weight layers (GPT-2 "
                              "Conv1D) yet; exclude them")
+        structured = [f"{name} ({m.layout})" for name, m in self.layers.items() if m._layout_kind != "unstructured"]
+        if granularity == "row" and structured:
+            raise ValueError(f"dynasparse.pruning: granularity='row' needs unstructured layers (whole rows are not "
+                             f"whole blocks or 2:4 groups), got {', '.join(structured)}; exclude them")
         self.optimizer: torch.optim.Optimizer | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
@@ -228,7 +269,7 @@ class Pruner:
     @torch.no_grad()
     def update(self) -> None:
         """Recompute the masks now, at the schedule's target for the current step."""
-        self.target = float(self.schedule(self.step_count))
+        self.target = sparsity_at(self.schedule, self.step_count)
         self.apply_masks(self.compute_masks(self.target))
 
     def finalize(self) -> PruningReport:
@@ -248,12 +289,13 @@ class Pruner:
         return layer.weight.detach().abs()
 
     def compute_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
-        """The kept masks at `sparsity`: scores, granularity, distribution (synchronized across
-        ranks)."""
+        """The kept masks at `sparsity`: scores, granularity and layout, distribution
+        (synchronized across ranks)."""
         names = list(self.layers)
-        scores = [self._units(self.layers[name], self.scores(name, self.layers[name]).float()) for name in names]
-        kept = self.distribution.select(scores, [self.layers[name].weight.shape for name in names], sparsity)
-        masks = {name: self._expand(self.layers[name], units) for name, units in zip(names, kept)}
+        units = [self._units(self.layers[name], self.scores(name, self.layers[name]).float()) for name in names]
+        kept = self.distribution.select([scores for scores, _ in units],
+                                        [self.layers[name].weight.shape for name in names], sparsity)
+        masks = {name: to_mask(chosen) for name, (_, to_mask), chosen in zip(names, units, kept)}
         return self._synchronize(masks)
 
     def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
@@ -283,7 +325,8 @@ class Pruner:
     def report(self) -> PruningReport:
         last = self.history[-1]["layers"] if self.history else {}
         layers = [LayerReport(name, tuple(layer.weight.shape), layer.mask.numel(), int(layer.mask.sum()),
-                              last.get(name), int(self._reactivated[name].sum())) for name, layer in self.layers.items()]
+                              last.get(name), int(self._reactivated[name].sum()), layer.layout)
+                  for name, layer in self.layers.items()]
         pruned = {id(layer.weight) for layer in self.layers.values()}
         dense = sum(p.numel() for p in self.model.parameters() if p.dim() >= 2 and id(p) not in pruned)
         return PruningReport(self.step_count, self.target, layers,
@@ -322,13 +365,32 @@ class Pruner:
             for layer in self.layers.values():
                 self.optimizer.set_mask(layer.weight, layer.mask, layer.grad_mode, layer.packing_plan)
 
-    def _units(self, layer: nn.Module, scores: torch.Tensor) -> torch.Tensor:
-        return ops.row_scores(scores) if self.granularity == "row" else scores
-
-    def _expand(self, layer: nn.Module, kept: torch.Tensor) -> torch.Tensor:
+    def _units(self, layer: nn.Module, scores: torch.Tensor
+               ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """What the distribution selects from (rows, or one score per weight) and how its
+        choice becomes the layer's mask in the layer's layout."""
         if self.granularity == "row":
-            return ops.expand_row_mask(kept, layer.weight.shape).contiguous()
-        return kept
+            return (_signed_norm(ops.row_scores, scores),
+                    lambda rows: ops.expand_row_mask(rows, layer.weight.shape).contiguous())
+        kind, block = layer._layout_kind, layer._block
+        if kind == "block":
+            blocks = _signed_norm(lambda part: ops.block_scores(part, block), layer.as_matrix(scores))
+
+            def whole_blocks(kept: torch.Tensor) -> torch.Tensor:
+                chosen, _ = ops.topk_mask(blocks, round(int(kept.sum()) / block ** 2))
+                return layer._from_2d(ops.expand_block_mask(chosen, block))
+
+            return layer._from_2d(ops.expand_block_mask(blocks / block, block)), whole_blocks
+        if kind == "2:4":
+            scores_2d = layer.as_matrix(scores)
+            candidates = ops.nm_mask(scores_2d, 2, 4)
+
+            def in_groups(kept: torch.Tensor) -> torch.Tensor:
+                chosen, _ = ops.topk_mask(scores_2d, min(int(kept.sum()), scores_2d.numel() // 2), candidates)
+                return layer._from_2d(chosen)
+
+            return layer._from_2d(torch.where(candidates, scores_2d, -torch.inf)), in_groups
+        return scores, lambda kept: kept
 
     def _synchronize(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
