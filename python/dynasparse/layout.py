@@ -100,6 +100,8 @@ class _WeightStamp:
 def traced_by_functorch(*tensors) -> bool:
     """True for tensors wrapped by a torch.func transform (grad, vmap, jacrev, functional_call's
     per-sample params): the kernel ops have no rules for those, so the product runs as torch ops."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
@@ -304,7 +306,20 @@ def fold_vmap_dim(x: torch.Tensor, x_dim: int | None, batch_size: int) -> torch.
     return x.movedim(x_dim, 0)
 
 
-class _MaskedLinear(torch.autograd.Function):
+class FullArgsFunction(torch.autograd.Function):
+    """An autograd.Function whose callers pass every argument: torch's apply binds the
+    arguments of a setup_context-style forward to its signature (inspect.signature) on every
+    call, some 20 us that a small layer cannot afford; with no defaults to fill, that binding
+    is skipped outside torch.func transforms and torch.compile, which get torch's own apply."""
+
+    @classmethod
+    def apply(cls, *args):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
+
+class _MaskedLinear(FullArgsFunction):
     """x @ (w * m).T + bias on the plan's kernels. setup_context form, so torch.func transforms
     (grad, vjp, jacrev, vmap) compose with it; a backward that must itself be differentiable
     (create_graph=True, torch.func's nested transforms) runs as torch ops on w * m."""

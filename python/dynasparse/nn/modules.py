@@ -18,8 +18,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
-from ..layout import (BLOCK_SIZES, GRAD_MODES, MaskPlan, check_layout, fold_vmap_dim, masked_weight_for,
-                      traced_by_functorch, write_generation)
+from ..layout import (BLOCK_SIZES, GRAD_MODES, FullArgsFunction, MaskPlan, check_layout, fold_vmap_dim,
+                      masked_weight_for, traced_by_functorch, write_generation)
 
 LAYOUT_NAMES = ("unstructured", "2:4") + tuple(f"block{b}" for b in BLOCK_SIZES)
 
@@ -502,7 +502,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
-class _PanelConv2d(torch.autograd.Function):
+class _PanelConv2d(FullArgsFunction):
     """conv2d_panels forward; the backward works on the unfolded patches, rows = output pixels,
     as the masked matmul's does on its rows: grad_input through the plan of m.T, folded back;
     the weight gradient dense (feedback) or at the mask (masked). A backward that must itself
