@@ -1,7 +1,7 @@
 """The bench harness on synthetic cases in a local registry (the global one stays untouched)."""
 
+import functools
 import json
-import time
 
 import pytest
 import torch
@@ -22,12 +22,19 @@ class FakeClock:
         return self.now
 
 
-def sleeper(seconds):
-    return lambda: time.sleep(seconds)
+# The clock of the "clock" family's cases: its calls take exactly the time they advance it by.
+CASE_CLOCK = FakeClock()
 
 
-def sleep_setup(device, baseline_ms, variant_ms):
-    return sleeper(baseline_ms / 1e3), {"half": sleeper(variant_ms / 1e3)}
+def ticker(seconds):
+    def call():
+        CASE_CLOCK.now += seconds
+
+    return call
+
+
+def clock_setup(device, baseline_ms, variant_ms):
+    return ticker(baseline_ms / 1e3), {"half": ticker(variant_ms / 1e3)}
 
 
 def tensor_setup(device, n):
@@ -46,7 +53,7 @@ def failing_setup(device):
 @pytest.fixture
 def registry():
     registry = harness.Registry()
-    registry.add(harness.Case("sleep", "two-vs-one", {"baseline_ms": 2, "variant_ms": 1}, sleep_setup, quick=True))
+    registry.add(harness.Case("clock", "two-vs-one", {"baseline_ms": 2, "variant_ms": 1}, clock_setup, quick=True))
     registry.add(harness.Case("tensor", "small", {"n": 64}, tensor_setup, quick=True))
     registry.add(harness.Case("tensor", "large", {"n": 4096}, tensor_setup, devices=("cuda",)))
     registry.add(harness.Case("broken", "setup", {}, failing_setup, quick=True))
@@ -95,14 +102,17 @@ def test_explicit_repeats_are_used():
     assert harness.measure(call, sync=NO_SYNC, target_s=0.1, repeats=7, clock=clock).repeats == 7
 
 
-def test_two_ms_baseline_vs_one_ms_variant_is_about_twice_as_fast(registry):
-    report = harness.run(registry.select(families=["sleep"]), device=CPU, target_s=0.05)
+def test_two_ms_baseline_vs_one_ms_variant_is_twice_as_fast(registry, monkeypatch):
+    # run() times every measurement on the fake clock, so the times are exact whatever the
+    # machine's load: a timer that mixes up calls, repeats or units shows.
+    monkeypatch.setattr(harness, "measure", functools.partial(harness.measure, clock=CASE_CLOCK))
+    report = harness.run(registry.select(families=["clock"]), device=CPU, target_s=0.05)
     (result,) = report.results
     assert result.errors == {}
-    # Sleeps overshoot a little, and more on a loaded machine; a timer that mixes up
-    # calls, repeats or units lands far outside these bounds.
-    assert 1.8 <= result.baseline.median_ms <= 4.0
-    assert 1.3 <= result.ratio("half") <= 2.7
+    assert result.baseline.median_ms == pytest.approx(2.0)
+    assert result.variants["half"].median_ms == pytest.approx(1.0)
+    assert result.ratio("half") == pytest.approx(2.0)
+    assert result.to_json()["variants"]["half"]["ratio"] == pytest.approx(2.0)
 
 
 def test_failures_are_recorded_and_the_run_goes_on(registry):
@@ -142,7 +152,7 @@ def test_selection(registry):
 
     assert ids(families=["tensor"]) == ["tensor/small", "tensor/large"]
     assert ids(pattern="sm") == ["tensor/small"]
-    assert ids(pattern="^(sleep|broken)/") == ["sleep/two-vs-one", "broken/setup"]
+    assert ids(pattern="^(clock|broken)/") == ["clock/two-vs-one", "broken/setup"]
     assert ids(device_type="cpu", families=["tensor"]) == ["tensor/small"]
     assert "tensor/large" not in ids(quick=True)
     with pytest.raises(ValueError, match="unknown benchmark family 'nope'"):

@@ -13,6 +13,8 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -108,8 +110,9 @@ def test_cmake_library_registers_the_same_ops_as_setup_py_build(cmake_library):
     assert cmake["kernels"], "the CMake library registered no dynasparse ops"
     assert cmake["kernels"] == setup_py["kernels"], (
         "the CMake and setup.py builds register different ops or dispatch keys. If csrc/ "
-        "changed since dynasparse._C was built, rebuild it (pip install --no-build-isolation "
-        "-e .); if only the CUDA keys differ, one build found nvcc and the other did not.\n"
+        "changed since dynasparse._C was built, rebuild it (python setup.py build_ext --inplace "
+        "compiles only what changed); if only the CUDA keys differ, one build found nvcc and the "
+        "other did not.\n"
         f"CMake:    {cmake['kernels']}\nsetup.py: {setup_py['kernels']}")
 
 
@@ -124,3 +127,53 @@ def test_cmake_library_needs_neither_python_nor_a_shared_cudart(cmake_library):
         unwanted += ("libcudart",)
     found = [lib for lib in needed if lib.startswith(unwanted)]
     assert not found, f"{cmake_library} needs {found}"
+
+
+def _shared_flags():
+    """csrc/build_flags.txt, read here on its own rather than through either build."""
+    flags = {}
+    for line in (ROOT / "csrc" / "build_flags.txt").read_text().splitlines():
+        key, equals, value = line.partition("=")
+        if equals and not line.lstrip().startswith("#"):
+            flags[key.strip()] = shlex.split(value)
+    return flags
+
+
+def _cmake_compile_flags(language):
+    """The flags of each object CMake compiles in `language` ("CXX" or "CUDA"), from build.ninja."""
+    flags, rule = [], None
+    for line in (BUILD_DIR / "build.ninja").read_text().splitlines():
+        if line.startswith("build "):
+            rule = line.split(":", 2)[1].split()[0] if ":" in line else None
+        elif line.startswith("  FLAGS = ") and rule and rule.startswith(f"{language}_COMPILER"):
+            flags.append(shlex.split(line.split("=", 1)[1]))
+    return flags
+
+
+def test_both_builds_compile_with_the_flags_of_the_shared_file(cmake_library):
+    shared = _shared_flags()
+    cxx = _cmake_compile_flags("CXX")
+    assert cxx and all(set(shared["cxx_flags"]) <= set(words) for words in cxx), cxx
+    cuda = _cmake_compile_flags("CUDA")
+    if cuda:
+        expected = set(shared["cuda_flags"]) | {f"-std=c++{shared['cuda_std'][0]}"}
+        assert all(expected <= set(words) for words in cuda), cuda
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.version.cuda is None:
+            # A CUDA build of torch chooses the architectures itself (see CMakeLists.txt).
+            # "--generate-code=arch=compute_90,code=[compute_90,sm_90]": SASS, and PTX where asked.
+            codes = {arch: set(targets.split(",")) for arch, targets in
+                     re.findall(r"arch=compute_(\d+a?),code=\[([^\]]*)\]", " ".join(cuda[0]))}
+            expected = {}
+            for item in shared["cuda_arch_list"]:
+                arch = item.removesuffix("+PTX").replace(".", "")
+                expected[arch] = {f"sm_{arch}"} | ({f"compute_{arch}"} if item.endswith("+PTX") else set())
+            assert codes == expected, cuda[0]
+
+    # setup.py records what it compiled with in its build folder (see _record_configuration).
+    record = ROOT / "build" / "temp" / "configuration.json"
+    if not record.exists():
+        pytest.skip(f"{record} is missing: dynasparse._C was not built by setup.py in this checkout")
+    configuration = json.loads(record.read_text())
+    assert set(shared["cxx_flags"]) <= set(configuration["compile_args"]), configuration["compile_args"]
+    if configuration["cuda_flags"]:
+        assert set(shared["cuda_flags"]) <= set(configuration["cuda_flags"]), configuration["cuda_flags"]

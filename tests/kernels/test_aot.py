@@ -1,7 +1,17 @@
-"""The ahead-of-time compile check: every kernel compiles for sm_80 and sm_90, and the check can fail."""
+"""The ahead-of-time compile check: every kernel compiles for sm_80 and sm_90, and the check can fail.
+
+Every compilation runs in a fresh interpreter (`_in_a_fresh_process`): Triton's interpreter
+patches triton.language while it launches a kernel and does not undo all of it, so after
+any interpreted launch in the same process (another test file's, or
+test_list_comprehension_kernel_runs_interpreted here) a compile can fail for reasons that
+are not the kernel's ("'value' object has no attribute 'dtype'"), and the tests would pass
+or fail by test order.
+"""
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -19,9 +29,24 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from dynasparse.kernels import aot, bitmask  # noqa: E402
 
 
+ARCHS = (80, 90)
+
+
+def _in_a_fresh_process(code, *args):
+    """Runs `code` in a new interpreter with Triton's interpreter off; returns the JSON it printed last."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    child = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=900)
+    assert child.returncode == 0, f"compile process failed ({child.returncode}):\n{child.stderr[-4000:]}"
+    # The last line: anything a compiler stage printed comes before it.
+    return json.loads(child.stdout.splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def results():
-    return aot.compile_all()
+    rows = _in_a_fresh_process("import dataclasses, json\n"
+                               "from dynasparse.kernels import aot\n"
+                               "print(json.dumps([dataclasses.asdict(r) for r in aot.compile_all()]))")
+    return [aot.CompileResult(**row) for row in rows]
 
 
 def test_every_spec_compiles(results):
@@ -37,7 +62,7 @@ def test_every_spec_of_every_module_is_compiled_for_each_arch(results):
     compiled = {(result.kernel, result.arch, result.config) for result in results if result.ok}
     for module in modules:
         for spec in getattr(module, "AOT_SPECS", ()):
-            for arch in (80, 90):
+            for arch in ARCHS:
                 assert (aot.spec_name(module, spec), arch, aot.describe_config(spec)) in compiled
 
 
@@ -102,24 +127,50 @@ def _list_comprehension_kernel(src_ptr, dst_ptr):
     tl.store(dst_ptr, values[0] + values[1])
 
 
-def _spec(python_function, signature, constexprs=None):
-    return {"kernel": JITFunction(python_function), "signature": signature, "constexprs": constexprs or {}}
+def _spec(python_function, signature, constexprs):
+    return {"kernel": JITFunction(python_function), "signature": signature, "constexprs": constexprs}
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_compile_spec_compiles_a_good_kernel(arch):
-    result = aot.compile_spec(_spec(_copy_kernel, {"src_ptr": "*fp32", "dst_ptr": "*fp32"}, {"BLOCK": 128}), arch)
+# name -> _spec's arguments
+SPECS = {
+    "copy": (_copy_kernel, {"src_ptr": "*fp32", "dst_ptr": "*fp32"}, {"BLOCK": 128}),
+    "mismatched-dot": (_mismatched_dot_kernel, {"a_ptr": "*fp16", "out_ptr": "*fp32"}, {"BLOCK": 32}),
+    "list-comprehension": (_list_comprehension_kernel, {"src_ptr": "*fp32", "dst_ptr": "*fp32"}, {}),
+    "copy-without-dst_ptr": (_copy_kernel, {"src_ptr": "*fp32"}, {"BLOCK": 128}),
+}
+
+# Loads this file as a module in the fresh process, for its kernels and SPECS.
+_COMPILE_SPECS = """
+import dataclasses, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("aot_test_kernels", sys.argv[1])
+tests = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tests)
+print(json.dumps([[name, arch, dataclasses.asdict(tests.aot.compile_spec(tests._spec(*tests.SPECS[name]), arch))]
+                  for name in tests.SPECS for arch in tests.ARCHS]))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """aot.compile_spec of every SPECS entry for each arch: {(name, arch): CompileResult}."""
+    return {(name, arch): aot.CompileResult(**row) for name, arch, row in _in_a_fresh_process(_COMPILE_SPECS, __file__)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compile_spec_compiles_a_good_kernel(compiled, arch):
+    result = compiled["copy", arch]
     assert result.ok, result.error
     assert result.cubin_bytes > 0
+    assert (result.kernel, result.arch) == ("_copy_kernel", arch)
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("spec, offending_source", [
-    (_spec(_mismatched_dot_kernel, {"a_ptr": "*fp16", "out_ptr": "*fp32"}, {"BLOCK": 32}), "tl.dot(a, b)"),
-    (_spec(_list_comprehension_kernel, {"src_ptr": "*fp32", "dst_ptr": "*fp32"}), "for i in range(2)"),
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name, offending_source", [
+    ("mismatched-dot", "tl.dot(a, b)"),
+    ("list-comprehension", "for i in range(2)"),
 ], ids=["mismatched-dot", "list-comprehension"])
-def test_compile_spec_reports_a_kernel_that_does_not_compile(spec, offending_source, arch):
-    result = aot.compile_spec(spec, arch)
+def test_compile_spec_reports_a_kernel_that_does_not_compile(compiled, name, offending_source, arch):
+    result = compiled[name, arch]
     assert not result.ok
     assert result.cubin_bytes == 0
     # Triton's own wording changes between releases; its error always quotes the source it stopped at.
@@ -135,8 +186,8 @@ def test_list_comprehension_kernel_runs_interpreted():
     assert dst.item() == 3.0
 
 
-def test_compile_spec_reports_a_spec_that_does_not_match_the_kernel():
-    spec = _spec(_copy_kernel, {"src_ptr": "*fp32"}, {"BLOCK": 128})
-    result = aot.compile_spec(spec, 90)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compile_spec_reports_a_spec_that_does_not_match_the_kernel(compiled, arch):
+    result = compiled["copy-without-dst_ptr", arch]
     assert not result.ok
     assert "dst_ptr" in result.error
