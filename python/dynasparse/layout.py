@@ -6,6 +6,9 @@ the packed weight values, repacked only when the weight has changed (its version
 `plan.linear(x, weight, bias, grad_mode)` is the differentiable product every sparse module
 wires: forward x @ (w * m).T + bias, input gradient through the plan of m.T, and the weight
 gradient either dense (feedback: DPF trains every weight) or only at the mask (masked).
+`weight_grad=` overrides the weight gradient alone ("dense", "nonzeros" or "none"), whatever
+the optimizer then does with it: RigL takes a dense gradient on its mask-update steps while its
+updates stay masked.
 
 Kernels per device and layout (`MaskPlan.kernel` names the one chosen):
 - "panels": packed values + 16-bit column offsets in K-panels (CPU C++, CUDA C++);
@@ -28,6 +31,9 @@ from .reference.matmul import as_rows, block_rows
 LAYOUTS = ("unstructured", "block", "2:4")
 KERNELS = ("panels", "blocks", "bitmask")
 GRAD_MODES = ("feedback", "masked")
+# The weight gradient a backward computes, apart from the update rule: a grad mode implies one
+# (feedback: dense, masked: at the nonzeros), `weight_grad` overrides it.
+WEIGHT_GRADS = ("dense", "nonzeros", "none")
 BLOCK_SIZES = (16, 32, 64)
 # K-panel width of the CPU kernels: a panel of x for a 128-row batch chunk stays in L2.
 CPU_PANEL = 256
@@ -105,11 +111,29 @@ def traced_by_functorch(*tensors) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def masked_weight_for(weight: torch.Tensor, mask: torch.Tensor, grad_mode: str) -> torch.Tensor:
-    """w * m as differentiable torch ops: in feedback mode its gradient reaches every weight
-    (straight through, as the kernels' feedback backward), in masked mode only the active ones."""
-    if grad_mode == "masked":
+def weight_grad_of(grad_mode: str | None, weight_grad: str | None = None) -> str:
+    """The weight gradient to compute: `weight_grad` where given (then `grad_mode` is not
+    consulted), else the grad mode's ("feedback": "dense", "masked": "nonzeros")."""
+    if weight_grad is not None:
+        if weight_grad not in WEIGHT_GRADS:
+            raise ValueError(f"dynasparse: unknown weight_grad {weight_grad!r}; choose one of "
+                             f"{', '.join(WEIGHT_GRADS)} (or None: the grad mode's)")
+        return weight_grad
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"dynasparse: unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
+    return "dense" if grad_mode == "feedback" else "nonzeros"
+
+
+def masked_weight_for(weight: torch.Tensor, mask: torch.Tensor, grad_mode: str | None,
+                      weight_grad: str | None = None) -> torch.Tensor:
+    """w * m as differentiable torch ops: with a dense weight gradient (feedback mode) its
+    gradient reaches every weight (straight through, as the kernels' feedback backward), at
+    the nonzeros (masked mode) only the active ones, with "none" no weight."""
+    kind = weight_grad_of(grad_mode, weight_grad)
+    if kind == "nonzeros":
         return torch.where(mask, weight, 0)
+    if kind == "none":
+        return torch.where(mask, weight.detach(), 0)
     return weight - torch.where(mask, 0, weight).detach()
 
 
@@ -282,15 +306,17 @@ class MaskPlan:
         return ops.masked_sddmm(grad_out, x, self.words, *self.index, self.size, backend=self.backend)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               grad_mode: str = "feedback") -> torch.Tensor:
-        """Differentiable x @ (w * m).T + bias (see the module docstring for grad_mode)."""
+               grad_mode: str = "feedback", *, weight_grad: str | None = None) -> torch.Tensor:
+        """Differentiable x @ (w * m).T + bias (see the module docstring for grad_mode and
+        weight_grad)."""
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"dynasparse: unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
+        kind = weight_grad_of(grad_mode, weight_grad)
         self.check()
         if not torch.compiler.is_compiling() and traced_by_functorch(weight, bias):
             # Per-sample or functional weights: the packed values would be of one weight.
-            return torch.nn.functional.linear(x, masked_weight_for(weight, self.mask, grad_mode), bias)
-        return _MaskedLinear.apply(x, weight, bias, self.pack(weight), self, grad_mode)
+            return torch.nn.functional.linear(x, masked_weight_for(weight, self.mask, None, kind), bias)
+        return _MaskedLinear.apply(x, weight, bias, self.pack(weight), self, kind)
 
     def __repr__(self) -> str:
         n, k = self.shape
@@ -325,24 +351,24 @@ class _MaskedLinear(FullArgsFunction):
     (create_graph=True, torch.func's nested transforms) runs as torch ops on w * m."""
 
     @staticmethod
-    def forward(x, weight, bias, values, plan, grad_mode):
+    def forward(x, weight, bias, values, plan, weight_grad):
         return plan.forward(x, weight, values, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, _, plan, grad_mode = inputs
-        ctx.plan, ctx.grad_mode = plan, grad_mode
+        x, weight, bias, _, plan, weight_grad = inputs
+        ctx.plan, ctx.weight_grad = plan, weight_grad
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, values, plan, grad_mode):
+    def vmap(info, in_dims, x, weight, bias, values, plan, weight_grad):
         x_dim, weight_dim, bias_dim, values_dim = in_dims[:4]
         if weight_dim is not None or bias_dim is not None or values_dim is not None:
             raise ValueError("dynasparse: vmap over a sparse layer's weight or bias is not supported by the kernel "
                              "path; per-sample weights go through torch.func.functional_call, which runs torch ops")
         x = fold_vmap_dim(x, x_dim, info.batch_size)
-        return _MaskedLinear.apply(x, weight, bias, values, plan, grad_mode), 0
+        return _MaskedLinear.apply(x, weight, bias, values, plan, weight_grad), 0
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -354,8 +380,8 @@ class _MaskedLinear(FullArgsFunction):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = plan.grad_input(grad_out, weight)
-        if ctx.needs_input_grad[1]:
-            if ctx.grad_mode == "masked":
+        if ctx.needs_input_grad[1] and ctx.weight_grad != "none":
+            if ctx.weight_grad == "nonzeros":
                 grad_weight = plan.grad_weight_masked(grad_out, x)
             else:
                 grad_weight = as_rows(grad_out).T @ as_rows(x)
@@ -368,10 +394,10 @@ def _differentiable_linear_backward(ctx, grad_out, x, weight):
     """The gradients of x @ (w * m).T + b as torch ops, so that they have gradients themselves."""
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad_out @ masked_weight_for(weight, ctx.plan.mask, ctx.grad_mode)
-    if ctx.needs_input_grad[1]:
+        grad_x = grad_out @ masked_weight_for(weight, ctx.plan.mask, None, ctx.weight_grad)
+    if ctx.needs_input_grad[1] and ctx.weight_grad != "none":
         grad_weight = as_rows(grad_out).T @ as_rows(x)
-        if ctx.grad_mode == "masked":
+        if ctx.weight_grad == "nonzeros":
             grad_weight = torch.where(ctx.plan.mask, grad_weight, 0)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = as_rows(grad_out).sum(0)

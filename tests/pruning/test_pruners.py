@@ -124,6 +124,8 @@ def test_one_shot_prunes_the_smallest_and_fine_tunes_masked():
     model = _model(2)
     before = [copy.deepcopy(model.conv2.weight.detach()), copy.deepcopy(model.fc1.weight.detach())]
     pruner = pruning.OneShotMagnitude(model, 0.75, exclude=["conv1", "fc2"])
+    assert _active(pruner) == _numel(pruner)  # construction changes no mask
+    pruner.initialize()
     for layer, expected in zip(pruner.layers.values(), _oracle_global_mask(before, 0.75)):
         assert torch.equal(layer.mask.flatten(), expected)
         assert bool((layer.weight[~layer.mask] == 0).all())
@@ -191,6 +193,7 @@ def test_row_granularity_prunes_whole_filters():
     model = _model(5)
     pruner = pruning.OneShotMagnitude(model, 0.5, include=["conv2", "fc1"], granularity="row",
                                       distribution="uniform")
+    pruner.initialize()
     for layer in pruner.layers.values():
         rows = layer.mask.reshape(layer.mask.shape[0], -1)
         assert bool((rows.all(1) | ~rows.any(1)).all())  # whole rows
@@ -202,6 +205,7 @@ def test_row_granularity_prunes_whole_filters():
 def test_report_table_and_errors():
     model = _model(6)
     pruner = pruning.OneShotMagnitude(model, 0.9, exclude=["conv1", "fc2"])
+    pruner.initialize()
     text = str(pruner.report())
     assert "conv2" in text and "fc1" in text and "total (prunable)" in text
     dense = model.conv1.weight.numel() + model.fc2.weight.numel()
@@ -308,6 +312,7 @@ def test_pruners_select_whole_blocks_on_block_layers(distribution):
     model = _layout_model(11)
     dynasparse.sparsify(model, 0.0, layout="block16", exclude=["fc3"])
     pruner = pruning.OneShotMagnitude(model, 0.9, distribution=distribution)
+    pruner.initialize()
     blocks = {}
     for name in ("fc1", "fc2", "conv"):
         layer = model.get_submodule(name)
@@ -359,6 +364,7 @@ def test_dpf_on_2_4_layers_prunes_within_the_groups_and_reports_the_cap():
     steps = 40
     pruner = pruning.DPF(model, 0.9, steps, ramp_end=0.5, update_every=4, distribution="uniform",
                          include=["fc1", "fc2"])
+    pruner.initialize()
     for layer in pruner.layers.values():  # ramp at 0: the layers stay at their 50%
         _check_2_4(layer, layer.mask.numel() // 2)
     assert "stay at sparsity 0.5 or more where the target is 0.0000" in str(pruner.report())
@@ -382,6 +388,7 @@ def test_global_selection_on_2_4_layers_moves_the_capped_share_elsewhere():
     model = _layout_model(13)
     dynasparse.sparsify(model, 0.5, layout="2:4", include=["fc1"])
     pruner = pruning.OneShotMagnitude(model, 0.3, include=["fc1", "fc2", "fc3"])
+    pruner.initialize()
     total = sum(layer.mask.numel() for layer in pruner.layers.values())
     assert sum(int(layer.mask.sum()) for layer in pruner.layers.values()) == round(total * 0.7)
     groups = model.fc1.mask.reshape(model.fc1.mask.shape[0], -1, 4)
@@ -474,7 +481,7 @@ def test_transposed_layers_are_pruned_in_the_layout_of_the_matrix_their_kernels_
     torch.manual_seed(18)
     model = nn.Sequential(SparseTransposedLinear(64, 32, layout="2:4"),
                           SparseTransposedLinear(32, 48, layout="block16"))
-    pruning.OneShotMagnitude(model, 0.8, distribution="uniform")
+    pruning.OneShotMagnitude(model, 0.8, distribution="uniform").initialize()
     nm, block = model
     groups = nm.mask.T.reshape(32, -1, 4)
     assert int(groups.sum(-1).max()) <= 2 and int(nm.mask.sum()) == round(nm.mask.numel() * 0.2)

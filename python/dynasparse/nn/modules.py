@@ -7,7 +7,9 @@ masked matmul ops through a `dynasparse.layout.MaskPlan`, rebuilt whenever the m
 (`set_mask`, `load_state_dict`, a move to another device), never a materialized `w * m`.
 
 grad_mode: "feedback" gives every weight the gradient taken at `w * m` (DPF), "masked" only the
-active ones (pruned weights get exactly 0).
+active ones (pruned weights get exactly 0). `weight_grad` ("dense", "nonzeros", "none"; None:
+the grad mode's) overrides the weight gradient alone, step by step (a pruner sets it: RigL's
+dense gradient on its update steps); it is a training setting, not part of the state_dict.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
 from ..layout import (BLOCK_SIZES, GRAD_MODES, FullArgsFunction, MaskPlan, check_layout, fold_vmap_dim,
-                      masked_weight_for, traced_by_functorch, write_generation)
+                      masked_weight_for, traced_by_functorch, weight_grad_of, write_generation)
 
 LAYOUT_NAMES = ("unstructured", "2:4") + tuple(f"block{b}" for b in BLOCK_SIZES)
 
@@ -130,6 +132,7 @@ class _SparseMixin:
         check_sparsity(sparsity)
         check_grad_mode(grad_mode)
         self.layout, self.grad_mode = layout, grad_mode
+        self.weight_grad = None
         self._layout_kind, self._block = parse_layout(layout)
         self._check_layout_fits()
         _counting(self.weight, SparseWeight)
@@ -150,6 +153,8 @@ class _SparseMixin:
         if name == "mask" and getattr(self, "_plan_stamp", None) is not None and isinstance(value, torch.Tensor):
             self.set_mask(value)
             return
+        if name == "weight_grad" and value is not None:
+            weight_grad_of(None, value)  # a bad value fails here, not at the next backward
         super().__setattr__(name, value)
 
     def _check_layout_fits(self) -> None:
@@ -210,7 +215,7 @@ class _SparseMixin:
 
     @property
     def density(self) -> float:
-        return float(self.mask.sum()) / max(self.mask.numel(), 1)
+        return int(torch.count_nonzero(self.mask)) / max(self.mask.numel(), 1)
 
     @property
     def sparsity(self) -> float:
@@ -321,9 +326,10 @@ class _SparseMixin:
     def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x, weight_2d, bias = self._autocast(x, weight_2d, bias)
         if self._reference_product(x):
-            return F.linear(x, masked_weight_for(weight_2d, self._mask_2d(), self.grad_mode), bias)
+            return F.linear(x, masked_weight_for(weight_2d, self._mask_2d(), self.grad_mode, self.weight_grad), bias)
         plan = self.plan()
-        return plan.linear(x, weight_2d, self._guarded_bias(plan, bias, x), self.grad_mode)
+        return plan.linear(x, weight_2d, self._guarded_bias(plan, bias, x), self.grad_mode,
+                           weight_grad=self.weight_grad)
 
     def _check_features(self, x: torch.Tensor) -> None:
         in_features = self._weight_2d().shape[1]
@@ -332,7 +338,8 @@ class _SparseMixin:
                                f"in_features = {in_features}, got input of shape {list(x.shape)}")
 
     def _sparse_repr(self) -> str:
-        return f"layout={self.layout}, sparsity={self.sparsity:.3f}, grad_mode={self.grad_mode}"
+        override = "" if self.weight_grad is None else f", weight_grad={self.weight_grad}"
+        return f"layout={self.layout}, sparsity={self.sparsity:.3f}, grad_mode={self.grad_mode}{override}"
 
 
 def _masked_mode_state_dict(module, state_dict, prefix, local_metadata):
@@ -435,7 +442,8 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             raise RuntimeError(f"dynasparse.SparseConv2d: expected input of shape {list(x.shape)} to have "
                                f"{self.in_channels} channels (in_channels), got {x.shape[-3]}")
         if self.groups != 1 or self._reference_product(x):
-            return self._conv_forward(x, masked_weight_for(self.weight, self.mask, self.grad_mode), self.bias)
+            return self._conv_forward(x, masked_weight_for(self.weight, self.mask, self.grad_mode, self.weight_grad),
+                                      self.bias)
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)
@@ -470,7 +478,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         plan.check()
         geometry = (tuple(self.kernel_size), tuple(self.stride), padding, tuple(self.dilation))
         return _PanelConv2d.apply(x, weight_2d, self._guarded_bias(plan, bias, x), plan.pack(weight_2d), plan,
-                                  self.grad_mode, geometry)
+                                  weight_grad_of(self.grad_mode, self.weight_grad), geometry)
 
     def _same_padding(self) -> tuple[int, int]:
         pads = []
@@ -505,28 +513,28 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 class _PanelConv2d(FullArgsFunction):
     """conv2d_panels forward; the backward works on the unfolded patches, rows = output pixels,
     as the masked matmul's does on its rows: grad_input through the plan of m.T, folded back;
-    the weight gradient dense (feedback) or at the mask (masked). A backward that must itself
+    the weight gradient dense (feedback), at the mask (masked) or none (`weight_grad`). A backward that must itself
     be differentiable (create_graph=True, torch.func) runs as torch's convolution of w * m."""
 
     @staticmethod
-    def forward(x, weight_2d, bias, values, plan, grad_mode, geometry):
+    def forward(x, weight_2d, bias, values, plan, weight_grad, geometry):
         return ops.conv2d_panels(x, values, *plan.index, plan.size, plan.shape[0], *geometry, bias,
                                  backend=plan.backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight_2d, bias, _, plan, grad_mode, geometry = inputs
-        ctx.plan, ctx.grad_mode, ctx.geometry = plan, grad_mode, geometry
+        x, weight_2d, bias, _, plan, weight_grad, geometry = inputs
+        ctx.plan, ctx.weight_grad, ctx.geometry = plan, weight_grad, geometry
         ctx.save_for_backward(x, weight_2d)
         ctx.has_bias = bias is not None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight_2d, bias, values, plan, grad_mode, geometry):
+    def vmap(info, in_dims, x, weight_2d, bias, values, plan, weight_grad, geometry):
         if any(dim is not None for dim in in_dims[1:4]):
             raise ValueError("dynasparse: vmap over a SparseConv2d's weight or bias is not supported by the kernel "
                              "path; per-sample weights go through torch.func.functional_call, which runs torch ops")
         x = fold_vmap_dim(x, in_dims[0], info.batch_size)
-        out = _PanelConv2d.apply(x.flatten(0, 1), weight_2d, bias, values, plan, grad_mode, geometry)
+        out = _PanelConv2d.apply(x.flatten(0, 1), weight_2d, bias, values, plan, weight_grad, geometry)
         return out.unflatten(0, x.shape[:2]), 0
 
     @staticmethod
@@ -543,9 +551,9 @@ class _PanelConv2d(FullArgsFunction):
         if ctx.needs_input_grad[0]:
             grad_patches = plan.grad_input(grad_rows, weight_2d)  # [B, pixels, K]
             grad_x = F.fold(grad_patches.transpose(1, 2), x.shape[2:], kernel_size, **conv)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.weight_grad != "none":
             patches = F.unfold(x, kernel_size, **conv)  # [B, K, pixels]
-            if ctx.grad_mode == "masked":
+            if ctx.weight_grad == "nonzeros":
                 grad_weight = plan.grad_weight_masked(grad_rows, patches.transpose(1, 2))
             else:
                 grad_weight = (grad_out.reshape(batch, n, out_h * out_w) @ patches.transpose(1, 2)).sum(0)
@@ -561,10 +569,11 @@ def _differentiable_conv_backward(ctx, grad_out, x, weight_2d):
     conv = {"stride": stride, "padding": padding, "dilation": dilation}
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.nn.grad.conv2d_input(x.shape, masked_weight_for(weight, mask, ctx.grad_mode), grad_out, **conv)
-    if ctx.needs_input_grad[1]:
+        grad_x = torch.nn.grad.conv2d_input(x.shape, masked_weight_for(weight, mask, None, ctx.weight_grad), grad_out,
+                                            **conv)
+    if ctx.needs_input_grad[1] and ctx.weight_grad != "none":
         grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, **conv)
-        if ctx.grad_mode == "masked":
+        if ctx.weight_grad == "nonzeros":
             grad_weight = torch.where(mask, grad_weight, 0)
         grad_weight = grad_weight.reshape(weight_2d.shape)
     if ctx.has_bias and ctx.needs_input_grad[2]:

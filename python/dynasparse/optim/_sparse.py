@@ -52,7 +52,8 @@ class SparseOptimizerMixin:
         for param, spec in (masks or {}).items():
             self.set_mask(param, *spec)
 
-    def _owns(self, param: torch.Tensor) -> bool:
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether `param` is in one of this optimizer's param groups."""
         return any(p is param for group in self.param_groups for p in group["params"])
 
     def set_mask(self, param: torch.Tensor, mask: torch.Tensor, mode: str = "masked",
@@ -64,7 +65,7 @@ class SparseOptimizerMixin:
         [size(0), numel / size(0)] (a sparse layer's `packing_plan`), or None; each step then
         writes the packed values that plan's next forward reads."""
         name = type(self).__name__
-        if not self._owns(param):
+        if not self.owns(param):
             raise ValueError(f"{name}.set_mask: the parameter (shape {list(param.shape)}) is not in this optimizer")
         if param.dtype != torch.float32:
             raise TypeError(f"{name}.set_mask: sparse parameters must be torch.float32, got {param.dtype}")
@@ -102,7 +103,7 @@ class SparseOptimizerMixin:
         """Zero the optimizer state of `param` at `positions` (bool, shaped like it), e.g. where
         RigL grows weights, so they start without the history of an earlier life. `step` is a
         per-tensor count and stays."""
-        if not self._owns(param):
+        if not self.owns(param):
             raise ValueError(f"{type(self).__name__}.reset_state: the parameter is not in this optimizer")
         if positions.dtype != torch.bool or positions.shape != param.shape:
             raise ValueError(f"{type(self).__name__}.reset_state: positions must be a bool tensor shaped like the "

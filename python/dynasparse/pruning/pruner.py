@@ -1,74 +1,75 @@
 """The Pruner: one API for every pruning and dynamic sparse training algorithm.
 
-A pruner wraps a model (sparsifying its matching nn.Linear / nn.Conv2d first) and is driven by
-`pruner.step()` after every `optimizer.step()`. At each mask update it goes through four
-pluggable stages:
+Lifecycle (every algorithm, built directly or by `pruning.create(name, ...)`):
 
-1. scores: `scores(layer)` per prunable layer, a tensor shaped like the weight; larger is kept.
-   |w| by default (magnitude, DPF); random for the control; an algorithm needing gradients
-   (RigL) reads `optimizer.statistics(layer.weight)`; one needing data (SNIP, OBD, OBD-SD,
-   dropout damage) gathers saliencies in its own `calibrate(batches)` method, called by the
-   user before `update()`, and returns them here.
-2. target: the schedule's sparsity at this step (`schedules`: constant, cubic, linear, or any
-   callable `step -> float`).
-3. granularity and layout: weights, or rows (output neurons / conv filters, whole rows kept
-   or pruned); a layer's layout decides its units too. A block layer selects whole blocks
-   (a block's score is the L2 norm of its scores, as `magnitude_mask` scores it); a 2:4 layer
-   selects among the 2 largest scores of every group of 4, so it holds at most half its
-   weights: a target above 0.5 is met in 2:4 groups, a target below leaves it at 0.5.
-4. selection: the distribution turns the global target and the scores into kept masks
-   (`distributions`: one global threshold via `ops.topk_mask_global`, or per-layer counts,
-   uniform or ERK, via `ops.topk_mask`). It sees one score per weight: a block's weights
-   carry their block's score divided by the block size (its root mean square, for |w|, so
-   one global threshold compares it with single weights), a 2:4 layer's weights outside
-   the 2-of-4 candidates -inf; each layer's count is then rounded to whole blocks (or capped
-   at the candidates) and its units chosen by that score.
+    pruner = pruning.create("rigl", model, sparsity=0.9, total_steps=T)  # sparse layers, no mask change yet
+    pruner.initialize()              # the first masks (or calibrate(batches) for SNIP; attach does it too)
+    optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)     # after the layers were replaced
+    pruner.attach(optimizer)         # registers the masks (and initializes, if not done and no data is needed)
+    for x, y in batches:
+        optimizer.zero_grad(); loss(model(x), y).backward(); optimizer.step()
+        pruner.step()                # counts the step; mask update when due (before the next zero_grad)
+    pruner.finalize()                # m * w; training on fine-tunes with the mask fixed
 
-The new masks are written into the layers' `mask` buffers (`set_mask`, which the optimizer
-registered with `attach` sees in place). The pruner's `grad_mode` decides the training rule:
-"feedback" (DPF: the gradient at m * w updates every weight, pruned ones come back) or
-"masked" (pruned weights and their optimizer state are zeroed at the update, through
-`optimizer.reset_state`, and dynasparse's optimizers keep them exactly zero; weights that grow
-back start at zero with zeroed state). `finalize()` hard-prunes: weights become m * w and training
-continues masked (fine-tuning with a fixed mask).
+Two settings decide how a pruned layer trains, both changeable at every step:
+- the update rule (`pruner.update_rule`, `set_update_rule`): "feedback" (the gradient at m * w
+  updates every weight: DPF, DNW) or "masked" (pruned weights and their optimizer state stay
+  exactly zero; weights that grow back start at zero with zeroed state);
+- the layers' weight gradient (`weight_grad_at(step)`, `set_weight_grad`): None (the update
+  rule's: dense for feedback, at the nonzeros for masked), "dense", "nonzeros" or "none". RigL
+  asks for "dense" on its update steps only; `report().dense_gradient_steps` counts the steps
+  trained with a dense weight gradient.
 
-Where the algorithms not built yet plug in:
-- RigL / SET: override `compute_masks` to drop by |w| and grow by |g| (or at random) per layer
-  with `ops.rigl_update`, the drop fraction from `schedules.CosineDecay`, masked mode.
-- SNIP / OBD / OBD-SD / dropout damage: a `calibrate(batches)` method storing saliencies,
-  `scores` returning them; neuron variants use `granularity="row"`.
-- Variational dropout: its `log_sigma2` parameters live in a layer wrapper the pruner installs
-  (as it installs sparse layers now) and registers with the optimizer; `scores` is
-  `-log_alpha`, the schedule a threshold rather than a count (override `compute_masks`).
-- Neuron merging: layers shrink physically, so it replaces modules (as `sparsify` does) after
-  `compute_masks` chose the rows; the pruner re-collects its layers afterwards.
-- IMP / lottery tickets: rewinding is outside the mask logic: keep a copy of the weights at
-  step k, and after each round's `update()` copy the survivors back.
+`update()` is one template, the same for every algorithm (subclasses cannot override it, nor
+`apply_masks`, `step`, `initialize`, `state_dict`, `load_state_dict`):
+
+1. target: `target_at(step)` (the schedule's sparsity by default);
+2. scores: `scores(name, layer)` per layer, shaped like the weight, larger is kept (|w| by default);
+3. selection: `select(scores, target)` -> {name: mask} (by default `select_masks(scores,
+   sparsity=target)`); selection is layout-aware (see `selection`) and takes a target through a
+   distribution, per-layer counts, or a threshold, each optionally among candidates;
+4. apply: `apply_masks(masks)` broadcasts the masks from rank 0 under torch.distributed (so all
+   ranks agree even if scores differ in the last bit), installs them (`layer.set_mask`), zeroes
+   in masked mode what must be zero, and keeps the statistics (flip rates, re-activations);
+5. `after_update(masks)` (e.g. IMP's rewinding), then the observers `on_update(fn)` registered:
+   `fn(step, masks)`.
+
+Other hooks: `due(step)` (when to update), `weight_grad_at(step)`, `after_step(step)` (after
+every counted step, e.g. to keep IMP's rewind point), `calibrate(batches)` (algorithms with
+`needs_data = True` gather saliencies there, then initialize), `report_notes()` (extra report
+lines), and `state_attributes` (names of subclass attributes saved in `state_dict()`:
+tensors, numbers, strings, None and lists / tuples / dicts of them).
 
 A run stopped at any step and resumed from the model's, the optimizer's and the pruner's
-`state_dict()` follows the identical trajectory (the pruner saves its step, its random
-generator, its grad mode and its mask statistics; the masks are in the model's state_dict).
-Under DistributedDataParallel the masks computed on rank 0 are broadcast, so every rank holds
-the same masks even if scores differ in the last bit.
+`state_dict()` follows the identical trajectory on the CPU (the pruner saves its step, its
+random generator, its rules, its statistics and the subclass state; the masks are in the
+model's state_dict).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import numbers
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .. import ops
+from ..layout import GRAD_MODES, WEIGHT_GRADS, weight_grad_of
 from ..nn import sparsify
 from ..nn.convert import Selector, _matches, check_selector
 from ..nn.modules import SPARSE_MODULES, SparseTransposedLinear
 from .distributions import Distribution, as_distribution
 from .schedules import Schedule, as_schedule, check_int, sparsity_at
+from .selection import LayerUnits
 
 GRANULARITIES = ("weight", "row")
+_FINAL = ("update", "apply_masks", "step", "initialize", "state_dict", "load_state_dict", "_synchronize")
+_STATE_FORMAT = 2
 
 
 @dataclasses.dataclass
@@ -92,7 +93,9 @@ class PruningReport:
 
     `flip_rates`: (step, fraction of all prunable weights whose mask bit changed) per update.
     `reactivated_fraction`: fraction of prunable weights pruned at some update and active at a
-    later one. `dense_weights`: weights of the model outside the pruned layers (kept dense)."""
+    later one. `dense_weights`: weights of the model outside the pruned layers (kept dense).
+    `dense_gradient_steps`: training steps whose backward computed a dense weight gradient of
+    the pruned layers. `notes`: the algorithm's own figures (`Pruner.report_notes`)."""
 
     step: int
     target: float | None
@@ -100,6 +103,8 @@ class PruningReport:
     flip_rates: list[tuple[int, float]]
     dense_weights: int
     skipped: dict[str, str]
+    dense_gradient_steps: int = 0
+    notes: dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -135,45 +140,74 @@ class PruningReport:
                            for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
         lines.insert(1, "  ".join("-" * width for width in widths))
         target = "-" if self.target is None else f"{self.target:.4f}"
-        lines.append(f"step {self.step}, target {target}, {len(self.flip_rates)} mask update(s); "
-                     f"whole model {self.model_sparsity:.4f} sparse ({self.dense_weights} weights kept dense)")
+        lines.append(f"step {self.step}, target {target}, {len(self.flip_rates)} mask update(s), "
+                     f"{self.dense_gradient_steps} dense-gradient step(s); whole model {self.model_sparsity:.4f} "
+                     f"sparse ({self.dense_weights} weights kept dense)")
         capped = [layer.name for layer in self.layers if layer.layout == "2:4"]
         if capped and self.target is not None and self.target < 0.5:
             lines.append(f"2:4 layers keep at most 2 of every 4 weights: {', '.join(capped)} stay at sparsity 0.5 or "
                          f"more where the target is {self.target:.4f}")
+        lines += [f"{key}: {value}" for key, value in self.notes.items()]
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
 
-def _signed_norm(norm: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
-    """A unit's score (a row, a block): the L2 `norm` of its nonnegative scores minus that of
-    its negative ones. For |w| that is the unit's L2 norm; units the masked algorithms mark as
-    pruned (scores -1, see magnitude.active_magnitude) stay below every live one, where a
-    plain norm would rank them among the largest and revive them."""
-    return norm(scores.clamp(min=0)) - norm(scores.clamp(max=0))
+def _copied(value, what: str):
+    """A copy of subclass state for state_dict / load_state_dict: tensors cloned, containers
+    copied; anything else is refused (it would not survive torch.save / weights_only loads)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item, what) for item in value)
+    if isinstance(value, dict):
+        return {key: _copied(item, what) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, numbers.Number, str)):
+        return value
+    raise TypeError(f"dynasparse.pruning: state attribute {what} holds a {type(value).__name__}; state attributes "
+                    "hold tensors, numbers, strings, None and lists / tuples / dicts of them")
 
 
 class Pruner:
-    """Base pruner: magnitude scores, a schedule, a distribution, a grad mode.
+    """Base pruner: magnitude scores, a schedule, a distribution, an update rule (see the
+    module docstring for the lifecycle and the hooks).
 
     model: the model (or its DistributedDataParallel wrapper, sparsified before wrapping);
-        matching nn.Linear / nn.Conv2d are replaced by unstructured sparse layers (so build the
-        optimizer afterwards and `attach` it), matching sparse layers are taken as they are,
-        with their layout (`sparsify(model, 0.0, layout="block32")` first for block pruning).
+        matching nn.Linear / nn.Conv2d are replaced by unstructured sparse layers with all
+        weights active (so build the optimizer afterwards and `attach` it), matching sparse
+        layers are taken as they are, with their layout and mask
+        (`sparsify(model, 0.0, layout="block32")` first for block pruning).
     schedule: target sparsity per step: a number, a `schedules` object or any callable.
     optimizer: a dynasparse optimizer owning the sparse weights (or call `attach` later).
     distribution: "global", "uniform", "erk" or a `distributions.Distribution`.
     include / exclude: fnmatch patterns on module names or a callable (as `sparsify`), e.g.
         exclude=["conv1", "fc"] keeps the first conv and the classifier dense.
     update_every: the mask is recomputed when the step count is a multiple of it (None: only
-        at construction, step 0); update_until: the last update, made even when it falls between
-        two periods (None: never stop).
+        at initialization, step 0); update_until: the last update, made even when it falls
+        between two periods (None: never stop).
     granularity: "weight" or "row" (whole output neurons / filters; unstructured layers only).
     seed: seeds the pruner's own torch.Generator (random scores), an int in [0, 2**64); the same
         on every rank.
     """
 
-    grad_mode = "masked"
+    #: The algorithm's update rule; the instance attribute of the same name is the current one.
+    update_rule = "masked"
+    #: True where the first masks need data: `calibrate(batches)` initializes.
+    needs_data = False
+    #: Switches to the masked rule during training (needs a dynasparse optimizer from the start).
+    masks_later = False
+    #: Names of subclass attributes saved in state_dict() and restored by load_state_dict().
+    state_attributes: tuple[str, ...] = ()
+    #: Set by `registry.register`.
+    registered_name: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overridden = [name for name in _FINAL if name in cls.__dict__]
+        if overridden:
+            raise TypeError(f"{cls.__qualname__} overrides Pruner.{', Pruner.'.join(overridden)}: the update template, "
+                            "the rank synchronization and the state are shared by every algorithm; override the hooks "
+                            "(target_at, scores, select, due, weight_grad_at, after_update, after_step, "
+                            "state_attributes)")
 
     def __init__(self, model: nn.Module, schedule: Schedule | float, *, optimizer: torch.optim.Optimizer | None = None,
                  distribution: Distribution | str = "global", include: Selector = None, exclude: Selector = None,
@@ -204,7 +238,7 @@ class Pruner:
                 return isinstance(module, SPARSE_MODULES) or _matches(exclude, name, module, False)
 
             self.skipped = dict(sparsify(self.model, 0.0, include=include, exclude=dense_only_excluded,
-                                         grad_mode=self.grad_mode).skipped)
+                                         grad_mode=self.update_rule).skipped)
         self.layers: dict[str, nn.Module] = {
             name: module for name, module in self.model.named_modules()
             if isinstance(module, SPARSE_MODULES) and _matches(include, name, module, True)
@@ -223,174 +257,316 @@ class Pruner:
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.target: float | None = None
+        self.initialized = False
         self.finalized = False
         self.history: list[dict] = []
+        self.dense_gradient_steps = 0
+        self.weight_grad: str | None = None
+        self._update_hooks: OrderedDict[int, Callable] = OrderedDict()
         # Pruned at some update so far / pruned at an update and active at a later one.
         self._pruned_seen = {name: torch.zeros_like(m.mask) for name, m in self.layers.items()}
         self._reactivated = {name: torch.zeros_like(m.mask) for name, m in self.layers.items()}
-        self._set_grad_mode(self.grad_mode)
-        self.update()
+        self.set_update_rule(type(self).update_rule)
         if optimizer is not None:
             self.attach(optimizer)
 
-    # -- driving ---------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, model: nn.Module, *, sparsity: float, total_steps: int | None, optimizer, **options):
+        """Build from `pruning.create`'s arguments (registered algorithms override this)."""
+        raise NotImplementedError(f"{cls.__qualname__} is not built by pruning.create; construct it directly")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """The first mask update (step 0). Algorithms with `needs_data` call it from
+        `calibrate(batches)`; `attach` calls it for the others when it has not run."""
+        if self.initialized:
+            raise RuntimeError(f"dynasparse.pruning.{type(self).__name__}: already initialized")
+        if self.needs_data and not self._calibrated():
+            raise RuntimeError(f"dynasparse.pruning.{type(self).__name__}: needs data for its first masks: call "
+                               "calibrate(batches) (which initializes)")
+        self._update()
+        self.initialized = True
+        self._prepare(self.step_count + 1)
+
+    def calibrate(self, batches: Iterable, loss: Callable | None = None) -> None:
+        """Gather the data an algorithm with `needs_data` scores by, then `initialize()`."""
+        raise TypeError(f"dynasparse.pruning.{type(self).__name__} takes no calibration data; call initialize()")
+
+    def _calibrated(self) -> bool:
+        return True
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Register the layers' mask buffers with `optimizer` (a dynasparse optimizer; a
-        torch.optim one is accepted in feedback mode, where nothing must be masked)."""
+        torch.optim one is accepted in feedback mode, where nothing must be masked), then
+        initialize the masks if that has not happened and needs no data."""
         if not hasattr(optimizer, "set_mask"):
-            if self.grad_mode == "masked":
+            if self.update_rule == "masked" or self.masks_later:
                 raise TypeError("dynasparse.pruning: masked mode needs dynasparse.optim.SGD / AdamW (they keep pruned "
                                 f"weights and their state at zero), got {type(optimizer).__name__}")
-            self.optimizer = optimizer
-            return
-        for name, layer in self.layers.items():
-            if not optimizer._owns(layer.weight):
-                raise ValueError(f"dynasparse.pruning: the optimizer does not hold {name}.weight; build it after the "
-                                 "pruner (which replaces dense layers by sparse ones) from model.parameters()")
+        else:
+            for name, layer in self.layers.items():
+                if not optimizer.owns(layer.weight):
+                    raise ValueError(f"dynasparse.pruning: the optimizer does not hold {name}.weight; build it after "
+                                     "the pruner (which replaces dense layers by sparse ones) from model.parameters()")
         self.optimizer = optimizer
         self._register_masks()
+        if not self.initialized and not self.needs_data:
+            self.initialize()
 
     def step(self) -> None:
-        """Call after every optimizer.step(): counts the step and updates the masks when due."""
+        """Call after every optimizer.step() (before the next zero_grad: RigL reads this
+        step's gradient): counts the step and updates the masks when due."""
+        self._require_initialized("step")
+        if any(weight_grad_of(layer.grad_mode, layer.weight_grad) == "dense" for layer in self.layers.values()):
+            self.dense_gradient_steps += 1
         self.step_count += 1
         if self.due(self.step_count):
-            self.update()
+            self._update()
+        self.after_step(self.step_count)
+        self._prepare(self.step_count + 1)
 
-    def due(self, step: int) -> bool:
-        if self.finalized:
-            return False
-        if step == 0 or step == self.update_until:
-            return True  # the initial mask, and the schedule's end even between update periods
-        if self.update_every is None or step % self.update_every:
-            return False
-        return self.update_until is None or step <= self.update_until
+    def update(self) -> None:
+        """Recompute the masks now, at the target of the current step (see the module docstring)."""
+        self._require_initialized("update")
+        self._update()
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Recompute the masks now, at the schedule's target for the current step."""
-        self.target = sparsity_at(self.schedule, self.step_count)
-        self.apply_masks(self.compute_masks(self.target))
+    def _update(self) -> None:
+        self.target = self.target_at(self.step_count)
+        scores = {name: self.scores(name, layer) for name, layer in self.layers.items()}
+        masks = self.apply_masks(self.select(scores, self.target))
+        self.after_update(masks)
+        for hook in list(self._update_hooks.values()):
+            hook(self.step_count, masks)
 
     def finalize(self) -> PruningReport:
         """Hard-prune (weights become m * w), stop mask updates and switch to masked mode, so
         that further training fine-tunes with the mask fixed."""
+        self._require_initialized("finalize")
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.weight.masked_fill_(~layer.mask, 0.0)
         self.finalized = True
-        self._set_grad_mode("masked")
+        self.set_update_rule("masked")
+        self._prepare(self.step_count + 1)
         return self.report()
 
-    # -- the pluggable stages ----------------------------------------------------------------
+    def on_update(self, hook: Callable[[int, dict[str, torch.Tensor]], None]) -> RemovableHandle:
+        """Call `hook(step, masks)` after every mask update (the initial one included), masks
+        being {layer name: the new bool mask} (read them, do not modify them); returns a
+        handle whose `remove()` unregisters it. For analyses: flip rates, mask IoU over time."""
+        if not callable(hook):
+            raise TypeError(f"dynasparse.pruning.on_update: hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._update_hooks)
+        self._update_hooks[handle.id] = hook
+        return handle
+
+    # -- the two training settings -------------------------------------------------------------
+
+    def set_update_rule(self, rule: str) -> None:
+        """"masked" or "feedback" from now on. Switching an initialized pruner to masked zeroes
+        the pruned weights and their optimizer state at once."""
+        if rule not in GRAD_MODES:
+            raise ValueError(f"dynasparse.pruning: update rule must be one of {', '.join(GRAD_MODES)}, got {rule!r}")
+        if rule == "masked" and self.optimizer is not None and not hasattr(self.optimizer, "set_mask"):
+            raise TypeError("dynasparse.pruning: masked mode needs dynasparse.optim.SGD / AdamW, got "
+                            f"{type(self.optimizer).__name__}")
+        self.update_rule = rule
+        for layer in self.layers.values():
+            layer.grad_mode = rule
+        if rule == "masked" and self.initialized:
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    layer.weight.masked_fill_(~layer.mask, 0.0)
+                    if self.optimizer is not None:
+                        self.optimizer.reset_state(layer.weight, ~layer.mask)
+        self._register_masks()
+
+    def set_weight_grad(self, weight_grad: str | None) -> None:
+        """The weight gradient of the pruned layers from the next step on, where the algorithm's
+        `weight_grad_at` does not ask for another: "dense", "nonzeros", "none", or None (the
+        update rule's: dense for feedback, at the nonzeros for masked)."""
+        if weight_grad is not None and weight_grad not in WEIGHT_GRADS:
+            raise ValueError(f"dynasparse.pruning: weight_grad must be one of {', '.join(WEIGHT_GRADS)} or None, got "
+                             f"{weight_grad!r}")
+        self.weight_grad = weight_grad
+        if self.initialized:
+            self._prepare(self.step_count + 1)
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def target_at(self, step: int) -> float:
+        """The target sparsity at `step` (the schedule's, checked)."""
+        return sparsity_at(self.schedule, step)
+
+    def due(self, step: int) -> bool:
+        """Whether `step()` updates the masks after counting `step` (step 0 is `initialize`)."""
+        if self.finalized:
+            return False
+        if step == self.update_until:
+            return True  # the schedule's end even between update periods
+        if self.update_every is None or step % self.update_every:
+            return False
+        return self.update_until is None or step <= self.update_until
+
+    def weight_grad_at(self, step: int) -> str | None:
+        """The weight gradient the layers compute during training step `step` (the one that
+        `step()` then counts as `step`): None for the update rule's. `set_weight_grad` by default."""
+        return self.weight_grad
 
     def scores(self, name: str, layer: nn.Module) -> torch.Tensor:
         """Importance of each weight (shaped like it, larger is kept): |w|."""
         return layer.weight.detach().abs()
 
-    def compute_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
-        """The kept masks at `sparsity`: scores, granularity and layout, distribution
-        (synchronized across ranks)."""
-        names = list(self.layers)
-        units = [self._units(self.layers[name], self.scores(name, self.layers[name]).float()) for name in names]
-        kept = self.distribution.select([scores for scores, _ in units],
-                                        [self.layers[name].weight.shape for name in names], sparsity)
-        masks = {name: to_mask(chosen) for name, (_, to_mask), chosen in zip(names, units, kept)}
-        return self._synchronize(masks)
+    def select(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+        """The kept masks of every layer from its scores: by default the target through the
+        distribution, in each layer's layout (`select_masks`)."""
+        return self.select_masks(scores, sparsity=target)
 
-    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Install new masks and keep the statistics; in masked mode pruned weights are zeroed
-        and weights that grow back start with zeroed optimizer state."""
+    def after_update(self, masks: dict[str, torch.Tensor]) -> None:
+        """Runs after every mask update, once the masks are installed (IMP rewinds here)."""
+
+    def after_step(self, step: int) -> None:
+        """Runs at the end of every `step()`, after any mask update."""
+
+    def report_notes(self) -> dict[str, object]:
+        """The algorithm's own figures for `report().notes`."""
+        return {}
+
+    # -- selection -------------------------------------------------------------------------------
+
+    def unit_size(self, name: str) -> int:
+        """Weights per selection unit of layer `name` (1, a block, or a row)."""
+        return LayerUnits(self.layers[name], self.granularity).size
+
+    def select_masks(self, scores: Mapping[str, torch.Tensor], *, sparsity: float | None = None,
+                     counts: Mapping[str, int] | None = None, threshold: float | None = None,
+                     candidates: Mapping[str, torch.Tensor] | None = None,
+                     distribution: Distribution | str | None = None) -> dict[str, torch.Tensor]:
+        """Kept masks from `scores` ({layer name: weight-shaped scores}, larger kept), in each
+        layer's units and layout (see `selection`), by exactly one of:
+
+        - `sparsity`: a target shared among the given layers by `distribution` (the pruner's
+          by default): one global threshold, uniform, ERK or any `Distribution`;
+        - `counts`: {name: weights to keep}, rounded to whole units (blocks, rows);
+        - `threshold`: keep the units whose score is above it (strictly).
+
+        `candidates` ({name: bool mask}) restricts a layer's choice to the units wholly inside
+        its mask (RigL grows among the inactive weights); asking for more than the candidates
+        is a ValueError. A 2:4 layer chooses among the 2 largest candidates of every group of 4
+        and is capped there (it holds at most half its weights)."""
+        chosen_modes = [mode for mode, value in (("sparsity", sparsity), ("counts", counts), ("threshold", threshold))
+                        if value is not None]
+        if len(chosen_modes) != 1:
+            raise TypeError("dynasparse.pruning.select_masks: give exactly one of sparsity, counts, threshold, got "
+                            f"{chosen_modes or 'none'}")
+        candidates = dict(candidates or {})
+        unknown = sorted((set(scores) | set(candidates) | set(counts or {})) - set(self.layers))
+        if unknown:
+            raise ValueError(f"dynasparse.pruning.select_masks: {unknown} are not prunable layers of this pruner")
+        prepared = []
+        for name, raw in scores.items():
+            layer = self.layers[name]
+            if not isinstance(raw, torch.Tensor) or raw.shape != layer.weight.shape:
+                raise ValueError(f"dynasparse.pruning: the scores of {name} must be a tensor shaped like its weight "
+                                 f"{list(layer.weight.shape)}, got {getattr(raw, 'shape', type(raw).__name__)}")
+            units = LayerUnits(layer, self.granularity)
+            unit_scores = units.scores(raw.detach().float())
+            user = None
+            if name in candidates:
+                given = candidates[name]
+                if not (isinstance(given, torch.Tensor) and given.dtype == torch.bool
+                        and given.shape == layer.weight.shape):
+                    raise ValueError(f"dynasparse.pruning: the candidates of {name} must be a bool tensor shaped like "
+                                     f"its weight {list(layer.weight.shape)}")
+                user = units.candidates(given.to(unit_scores.device))
+            allowed = user
+            layout = units.layout_candidates(unit_scores if user is None else
+                                             torch.where(user, unit_scores, -torch.inf))
+            if layout is not None:
+                allowed = layout if allowed is None else allowed & layout
+            prepared.append((name, units, unit_scores, user, allowed))
+        if threshold is not None:
+            chosen = {}
+            for name, units, unit_scores, _, allowed in prepared:
+                if bool(torch.isnan(unit_scores).any()):
+                    raise ValueError(f"dynasparse.pruning: the scores of {name} contain NaN")
+                kept = unit_scores > threshold
+                chosen[name] = units.expand(kept if allowed is None else kept & allowed)
+            return chosen
+        if counts is not None:
+            missing = [name for name in scores if name not in counts]
+            if missing:
+                raise ValueError(f"dynasparse.pruning.select_masks: counts has no entry for {missing}")
+            for name, units, *_ in prepared:
+                check_int("dynasparse.pruning.select_masks", f"counts[{name!r}]", counts[name], 0,
+                          units.count * units.size)
+            wanted = {name: round(counts[name] / units.size) for name, units, *_ in prepared}
+        else:
+            spread = [units.spread(unit_scores if allowed is None else torch.where(allowed, unit_scores, -torch.inf))
+                      for _, units, unit_scores, _, allowed in prepared]
+            kept = as_distribution(distribution if distribution is not None else self.distribution).select(
+                spread, [self.layers[name].weight.shape for name, *_ in prepared], sparsity)
+            wanted, direct = {}, {}
+            for (name, units, _, user, _), mask in zip(prepared, kept):
+                if units.kind == "weight":
+                    if user is not None and bool((mask & ~user).any()):
+                        raise ValueError(f"dynasparse.pruning: sparsity {sparsity} keeps "
+                                         f"{int(torch.count_nonzero(mask))} weights of {name}, more than its "
+                                         f"{int(torch.count_nonzero(user))} candidates")
+                    direct[name] = mask
+                else:
+                    spread_size = units.size if units.kind == "block" else 1
+                    wanted[name] = round(int(torch.count_nonzero(mask)) / spread_size)
+        chosen = {}
+        for name, units, unit_scores, user, allowed in prepared:
+            if counts is None and name in direct:
+                chosen[name] = direct[name]
+                continue
+            limit = units.count if user is None else int(torch.count_nonzero(user))
+            if wanted[name] > limit:
+                raise ValueError(f"dynasparse.pruning: cannot keep {wanted[name] * units.size} weights of {name}: it "
+                                 f"has {limit * units.size} candidates")
+            number = wanted[name] if allowed is None else min(wanted[name], int(torch.count_nonzero(allowed)))
+            kept, _ = ops.topk_mask(unit_scores, number, allowed)
+            chosen[name] = units.expand(kept)
+        return chosen
+
+    # -- masks -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def apply_masks(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Install new masks ({name: bool mask} for every layer), synchronized across ranks
+        (rank 0's), and keep the statistics; returns the installed masks. In masked mode the
+        pruned weights are zeroed, and after initialization the weights that grow back start
+        at zero too; their optimizer state is zeroed wherever a weight is not kept from before."""
+        if not isinstance(masks, Mapping) or set(masks) != set(self.layers):
+            got = sorted(masks) if isinstance(masks, Mapping) else type(masks).__name__
+            raise ValueError(f"dynasparse.pruning: masks must be given for exactly the layers {sorted(self.layers)}, "
+                             f"got {got}")
+        for name, layer in self.layers.items():
+            layer._check_mask(masks[name], f"the new mask of {name}")
+        masks = self._synchronize({name: masks[name].to(layer.mask.device).contiguous()
+                                   for name, layer in self.layers.items()})
         total_flips = total = 0
         layer_flips = {}
         for name, layer in self.layers.items():
-            old, new = layer.mask.clone(), masks[name].to(layer.mask.device)
+            old, new = layer.mask.clone(), masks[name]
             layer.set_mask(new)
-            flips = int((old != new).sum())
+            flips = int(torch.count_nonzero(old != new))
             layer_flips[name] = flips / max(new.numel(), 1)
             total_flips, total = total_flips + flips, total + new.numel()
             self._reactivated[name] |= new & self._pruned_seen[name]
             self._pruned_seen[name] |= ~new
             if layer.grad_mode == "masked":
-                layer.weight.masked_fill_(~new, 0.0)
-                # Pruned weights' state is zero from now on, not from the next step; grown
-                # weights start afresh (RigL's rule), their weight already zero.
+                fresh = ~(new & old)
+                layer.weight.masked_fill_(fresh if self.initialized else ~new, 0.0)
                 if self.optimizer is not None and hasattr(self.optimizer, "reset_state"):
-                    self.optimizer.reset_state(layer.weight, ~(new & old))
+                    self.optimizer.reset_state(layer.weight, fresh)
         self.history.append({"step": self.step_count, "target": self.target,
                              "flip_rate": total_flips / max(total, 1), "layers": layer_flips})
-
-    # -- reporting and state -----------------------------------------------------------------
-
-    def report(self) -> PruningReport:
-        last = self.history[-1]["layers"] if self.history else {}
-        layers = [LayerReport(name, tuple(layer.weight.shape), layer.mask.numel(), int(layer.mask.sum()),
-                              last.get(name), int(self._reactivated[name].sum()), layer.layout)
-                  for name, layer in self.layers.items()]
-        pruned = {id(layer.weight) for layer in self.layers.values()}
-        dense = sum(p.numel() for p in self.model.parameters() if p.dim() >= 2 and id(p) not in pruned)
-        return PruningReport(self.step_count, self.target, layers,
-                             [(entry["step"], entry["flip_rate"]) for entry in self.history], dense, dict(self.skipped))
-
-    def state_dict(self) -> dict:
-        return {"step": self.step_count, "target": self.target, "finalized": self.finalized,
-                "grad_mode": self._current_grad_mode, "generator": self.generator.get_state(),
-                "history": [dict(entry, layers=dict(entry["layers"])) for entry in self.history],
-                "pruned_seen": {name: t.clone() for name, t in self._pruned_seen.items()},
-                "reactivated": {name: t.clone() for name, t in self._reactivated.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a pruner's state (after loading the model's state_dict, which holds the masks)."""
-        if set(state["pruned_seen"]) != set(self.layers):
-            raise ValueError(f"dynasparse.pruning: the state is for layers {sorted(state['pruned_seen'])}, this pruner "
-                             f"has {sorted(self.layers)}")
-        self.step_count, self.target, self.finalized = state["step"], state["target"], state["finalized"]
-        self.generator.set_state(state["generator"])
-        self.history = [dict(entry, layers=dict(entry["layers"])) for entry in state["history"]]
-        for name in self.layers:
-            self._pruned_seen[name].copy_(state["pruned_seen"][name])
-            self._reactivated[name].copy_(state["reactivated"][name])
-        self._set_grad_mode(state["grad_mode"])
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _set_grad_mode(self, mode: str) -> None:
-        self._current_grad_mode = mode
-        for layer in self.layers.values():
-            layer.grad_mode = mode
-        self._register_masks()
-
-    def _register_masks(self) -> None:
-        if self.optimizer is not None and hasattr(self.optimizer, "set_mask"):
-            for layer in self.layers.values():
-                self.optimizer.set_mask(layer.weight, layer.mask, layer.grad_mode, layer.packing_plan)
-
-    def _units(self, layer: nn.Module, scores: torch.Tensor
-               ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """What the distribution selects from (rows, or one score per weight) and how its
-        choice becomes the layer's mask in the layer's layout."""
-        if self.granularity == "row":
-            return (_signed_norm(ops.row_scores, scores),
-                    lambda rows: ops.expand_row_mask(rows, layer.weight.shape).contiguous())
-        kind, block = layer._layout_kind, layer._block
-        if kind == "block":
-            blocks = _signed_norm(lambda part: ops.block_scores(part, block), layer.as_matrix(scores))
-
-            def whole_blocks(kept: torch.Tensor) -> torch.Tensor:
-                chosen, _ = ops.topk_mask(blocks, round(int(kept.sum()) / block ** 2))
-                return layer._from_2d(ops.expand_block_mask(chosen, block))
-
-            return layer._from_2d(ops.expand_block_mask(blocks / block, block)), whole_blocks
-        if kind == "2:4":
-            scores_2d = layer.as_matrix(scores)
-            candidates = ops.nm_mask(scores_2d, 2, 4)
-
-            def in_groups(kept: torch.Tensor) -> torch.Tensor:
-                chosen, _ = ops.topk_mask(scores_2d, min(int(kept.sum()), scores_2d.numel() // 2), candidates)
-                return layer._from_2d(chosen)
-
-            return layer._from_2d(torch.where(candidates, scores_2d, -torch.inf)), in_groups
-        return scores, lambda kept: kept
+        return masks
 
     def _synchronize(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -402,3 +578,79 @@ class Pruner:
             synced[name] = as_bytes.bool()
         return synced
 
+    # -- reporting and state -----------------------------------------------------------------
+
+    def report(self) -> PruningReport:
+        last = self.history[-1]["layers"] if self.history else {}
+        layers = [LayerReport(name, tuple(layer.weight.shape), layer.mask.numel(),
+                              int(torch.count_nonzero(layer.mask)), last.get(name),
+                              int(torch.count_nonzero(self._reactivated[name])), layer.layout)
+                  for name, layer in self.layers.items()]
+        pruned = {id(layer.weight) for layer in self.layers.values()}
+        dense = sum(p.numel() for p in self.model.parameters() if p.dim() >= 2 and id(p) not in pruned)
+        return PruningReport(self.step_count, self.target, layers,
+                             [(entry["step"], entry["flip_rate"]) for entry in self.history], dense, dict(self.skipped),
+                             self.dense_gradient_steps, dict(self.report_notes()))
+
+    def state_dict(self) -> dict:
+        return {"format": _STATE_FORMAT, "algorithm": type(self).__name__, "step": self.step_count,
+                "target": self.target, "initialized": self.initialized, "finalized": self.finalized,
+                "update_rule": self.update_rule, "weight_grad": self.weight_grad,
+                "generator": self.generator.get_state(), "dense_gradient_steps": self.dense_gradient_steps,
+                "history": [dict(entry, layers=dict(entry["layers"])) for entry in self.history],
+                "pruned_seen": {name: t.clone() for name, t in self._pruned_seen.items()},
+                "reactivated": {name: t.clone() for name, t in self._reactivated.items()},
+                "extra": {name: _copied(getattr(self, name), name) for name in self.state_attributes}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a pruner's state (after loading the model's state_dict, which holds the masks)."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"dynasparse.pruning: this state has format {state.get('format')!r}, this version "
+                             f"reads format {_STATE_FORMAT} (saved by {type(self).__name__}.state_dict())")
+        if state["algorithm"] != type(self).__name__:
+            raise ValueError(f"dynasparse.pruning: the state is of a {state['algorithm']}, this pruner is a "
+                             f"{type(self).__name__}")
+        if set(state["pruned_seen"]) != set(self.layers):
+            raise ValueError(f"dynasparse.pruning: the state is for layers {sorted(state['pruned_seen'])}, this pruner "
+                             f"has {sorted(self.layers)}")
+        if set(state["extra"]) != set(self.state_attributes):
+            raise ValueError(f"dynasparse.pruning: the state holds {sorted(state['extra'])}, {type(self).__name__} "
+                             f"keeps {sorted(self.state_attributes)}")
+        self.step_count, self.target = state["step"], state["target"]
+        self.initialized, self.finalized = state["initialized"], state["finalized"]
+        self.generator.set_state(state["generator"])
+        self.dense_gradient_steps = state["dense_gradient_steps"]
+        self.history = [dict(entry, layers=dict(entry["layers"])) for entry in state["history"]]
+        for name in self.layers:
+            self._pruned_seen[name].copy_(state["pruned_seen"][name])
+            self._reactivated[name].copy_(state["reactivated"][name])
+        for name, value in state["extra"].items():
+            setattr(self, name, _copied(value, name))
+        self.weight_grad = state["weight_grad"]
+        # The masks came with the model's state: no zeroing, only the layers' and the optimizer's modes.
+        initialized, self.initialized = self.initialized, False
+        self.set_update_rule(state["update_rule"])
+        self.initialized = initialized
+        if self.initialized:
+            self._prepare(self.step_count + 1)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _require_initialized(self, what: str) -> None:
+        if not self.initialized:
+            how = "calibrate(batches)" if self.needs_data else "initialize() or attach(optimizer)"
+            raise RuntimeError(f"dynasparse.pruning.{type(self).__name__}: call {how} before {what}()")
+
+    def _prepare(self, step: int) -> None:
+        """The layers' weight gradient for training step `step`."""
+        kind = None if self.finalized else self.weight_grad_at(step)
+        if kind is not None and kind not in WEIGHT_GRADS:
+            raise ValueError(f"dynasparse.pruning.{type(self).__name__}.weight_grad_at({step}) returned {kind!r}, not "
+                             f"one of {', '.join(WEIGHT_GRADS)} or None")
+        for layer in self.layers.values():
+            layer.weight_grad = kind
+
+    def _register_masks(self) -> None:
+        if self.optimizer is not None and hasattr(self.optimizer, "set_mask"):
+            for layer in self.layers.values():
+                self.optimizer.set_mask(layer.weight, layer.mask, layer.grad_mode, layer.packing_plan)
