@@ -19,6 +19,91 @@ def _info(_args) -> int:
     return 0
 
 
+def _reproduce(argv: list[str]) -> int:
+    from dynasparse.experiments import Store, registry
+
+    sub = argparse.ArgumentParser(prog="dynasparse reproduce", description="Train the runs of a registered experiment "
+                                  "that are not stored yet (resumable), then write its report: NAME.md with the "
+                                  "claims table, NAME.json, PNG plots.")
+    sub.add_argument("name", nargs="?", help="the experiment (see --list)")
+    sub.add_argument("--list", action="store_true", help="list the registered experiments")
+    sub.add_argument("--quick", action="store_true", help="a small version (few steps and seeds): a smoke test")
+    sub.add_argument("--out", default=None, help="the experiment directory (default experiment-results/NAME, "
+                     "-quick appended with --quick): the run index, the models and the report")
+    sub.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: the CPU cores at hand; 0: in this process)")
+    args = sub.parse_args(argv)
+    if args.list:
+        for name, description in registry.available().items():
+            print(f"{name:<24} {description}")
+        return 0
+    if args.name is None:
+        sub.error("give an experiment NAME or --list")
+    known = registry.available()
+    if args.name not in known:
+        sub.error(f"unknown experiment {args.name!r}; registered: {', '.join(known)}")
+    if args.workers is not None and args.workers < 0:
+        sub.error("--workers must be >= 0")
+    out = registry.default_out(args.name, args.quick) if args.out is None else args.out
+    try:
+        Store(out)  # a directory that cannot be written fails now, not after the training
+    except (OSError, ValueError) as error:
+        sub.error(f"--out {out}: {error}")
+    result = registry.reproduce(args.name, out=out, quick=args.quick, workers=args.workers)
+    population = result.population
+    print(f"{args.name}: {len(population.records)} runs, {population.computed} trained now, {population.reused} "
+          f"already stored ({population.seconds:.1f} s)")
+    if result.report is None:
+        print(f"{len(population.failed)} run(s) failed; no report written (rerun the command to retry them):")
+        for record in population.failed:
+            print(f"  {record.run_id} {record.spec.label}: {record.error.strip().splitlines()[-1]}")
+        return 1
+    from dynasparse.experiments.reports import text_table
+
+    if result.report.claims:
+        print(text_table([(claim.claim, claim.verdict) for claim in result.report.claims], ("claim", "verdict")))
+    print(f"wrote {', '.join(str(path) for path in result.paths.values())}")
+    return 0
+
+
+def _runs(argv: list[str]) -> int:
+    from dynasparse.experiments import Store
+    from dynasparse.experiments.reports import text_table
+
+    sub = argparse.ArgumentParser(prog="dynasparse runs", description="What an experiment directory holds: each "
+                                  "run's status and results, and the runs still missing.")
+    sub.add_argument("directory", help="an experiment directory (written by dynasparse reproduce or run_population)")
+    args = sub.parse_args(argv)
+    try:
+        store = Store(args.directory, create=False)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        sub.error(str(error))
+    records = store.records()
+    rows = []
+    for record in records:
+        metrics = record.metrics or {}
+        accuracy = metrics.get("accuracy")
+        rows.append((record.run_id, record.spec.label, record.status + ("" if record.complete or
+                                                                        record.status != "done" else " (no model)"),
+                     "-" if accuracy is None else f"{100 * accuracy:.2f}",
+                     "-" if "sparsity" not in metrics else f"{metrics['sparsity']:.4f}",
+                     "-" if record.wall_seconds is None else f"{record.wall_seconds:.1f}", str(record.attempts)))
+    print(text_table(rows, ("run", "spec", "status", "acc %", "sparsity", "wall s", "attempts")))
+    counts = store.counts()
+    print(f"\n{len(records)} runs: " + ", ".join(f"{count} {status}" for status, count in counts.items()))
+    missing = store.missing()
+    if missing:
+        print(f"missing ({len(missing)}):")
+        for record in missing:
+            why = record.error.strip().splitlines()[-1] if record.error else record.status
+            if record.status == "done":
+                why = "its checkpoint file is gone"
+            print(f"  {record.run_id} {record.spec.label}: {why}")
+    else:
+        print("nothing missing: every run is stored with its model")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dynasparse", description=__doc__)
@@ -28,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     commands.add_parser("demo", help="sparse training of a small CNN on digits: dense, magnitude pruning and DPF "
                         "(dynasparse demo --help)", add_help=False)
+    commands.add_parser("reproduce", help="run a registered experiment and write its report: --list, NAME [--quick] "
+                        "[--out DIR] [--workers N] (dynasparse reproduce --help)", add_help=False)
+    commands.add_parser("runs", help="what an experiment directory holds and what is missing (dynasparse runs DIR)",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(rest)
+    if args.command == "runs":
+        return _runs(rest)
     if args.command == "demo":
         from dynasparse.demo import main as demo_main
 
