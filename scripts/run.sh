@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install, build, then the main job: what is built and usable here, and the sparse-training
-# demo (dense, magnitude pruning and DPF on a small CNN, then sparse vs dense speed).
+# demo (dense, one-shot and gradual magnitude pruning, DPF and RigL on a 1-D CNN on MNIST-1D,
+# then sparse vs dense speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -53,6 +53,8 @@ def _reproduce(argv: list[str]) -> int:
     population = result.population
     print(f"{args.name}: {len(population.records)} runs, {population.computed} trained now, {population.reused} "
           f"already stored ({population.seconds:.1f} s)")
+    if population.stale_note():
+        print(population.stale_note())
     if result.report is None:
         print(f"{len(population.failed)} run(s) failed; no report written (rerun the command to retry them):")
         for record in population.failed:
@@ -111,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="versions and the backends table: what is built and usable here, and why not")
     commands.add_parser("bench", help="time sparse kernels against dense PyTorch (dynasparse bench --help)",
                         add_help=False)
-    commands.add_parser("demo", help="sparse training of a small CNN on digits: dense, magnitude pruning and DPF "
-                        "(dynasparse demo --help)", add_help=False)
+    commands.add_parser("demo", help="sparse training of a 1-D CNN on MNIST-1D: dense, magnitude pruning, DPF and "
+                        "RigL with the DPF claims table, then sparse vs dense speed (dynasparse demo --help)",
+                        add_help=False)
     commands.add_parser("reproduce", help="run a registered experiment and write its report: --list, NAME [--quick] "
                         "[--out DIR] [--workers N] (dynasparse reproduce --help)", add_help=False)
     commands.add_parser("runs", help="what an experiment directory holds and what is missing (dynasparse runs DIR)",

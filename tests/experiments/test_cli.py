@@ -73,9 +73,9 @@ def test_runs_lists_what_is_stored_and_what_is_missing(tiny, tmp_path, capsys):
 
 
 def test_reproduce_reports_failed_runs_and_writes_no_report(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(registry._REGISTRY, "tiny-test",
-                        registry.Experiment("tiny-test", "broken", lambda quick: [RunSpec(**{**TINY, "batch_size": 500})],
-                                            _analyze))
+    broken = registry.Experiment("tiny-test", "broken", lambda quick: [RunSpec(**{**TINY, "batch_size": 500})],
+                                 _analyze)
+    monkeypatch.setitem(registry._REGISTRY, "tiny-test", broken)
     assert cli_main(["reproduce", "tiny-test", "--out", str(tmp_path), "--workers", "0"]) == 1
     printed = capsys.readouterr().out
     assert "1 run(s) failed; no report written" in printed and "batch_size 500 is larger" in printed

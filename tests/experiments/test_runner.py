@@ -183,3 +183,19 @@ def test_ray_executor_on_a_local_instance(tmp_path):
     for spec, record in zip(specs, result.records):
         assert record.metrics["accuracy"] == train(spec).metrics["accuracy"]
         assert _same_state(Store(tmp_path).load_model(spec.run_id), train(spec).model)
+
+
+def test_runs_trained_by_other_code_are_named(tmp_path, monkeypatch):
+    from dynasparse.experiments import runner
+
+    specs = _specs(2)
+    monkeypatch.setattr(runner, "code_version", lambda: "v1")
+    first = run_population(specs, tmp_path, executor="inline", progress=False)
+    assert first.stale == [] and first.stale_note() is None
+    assert {record.git_commit for record in first.records} == {"v1"}
+    monkeypatch.setattr(runner, "code_version", lambda: "v2")
+    again = run_population(specs, tmp_path, executor="inline", progress=False)
+    assert again.computed == 0 and [r.run_id for r in again.stale] == [s.run_id for s in specs]
+    assert "2 of the stored runs were trained by code version v1, not the current v2" in again.stale_note()
+    monkeypatch.setattr(runner, "code_version", lambda: None)  # not a git checkout: nothing to compare
+    assert run_population(specs, tmp_path, executor="inline", progress=False).stale == []

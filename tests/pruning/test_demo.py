@@ -1,4 +1,4 @@
-"""The demo: deterministic per seed, and the command writes its table, JSON and plot."""
+"""The demo: deterministic per seed, and the command writes its table, claims, JSON and plot."""
 
 import json
 
@@ -6,43 +6,50 @@ import pytest
 import torch
 from torch import nn
 
-from dynasparse import demo
+from dynasparse import demo, experiments
 from dynasparse.cli import main as cli_main
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return demo.load_digits_split(torch.device("cpu"))
-
-
-def test_split_is_stratified_80_20(digits):
-    (train_x, train_y), (test_x, test_y) = digits
-    assert len(train_y) + len(test_y) == 1797 and len(test_y) == 360
-    assert train_x.shape[1:] == (1, 8, 8) and float(train_x.max()) == 1.0
-    assert torch.bincount(test_y).min() >= 35  # every digit present in proportion
-
-
 @pytest.mark.parametrize("method", ["dpf", "one-shot"])
-def test_run_is_deterministic_per_seed(digits, method):
-    runs = [demo.train_run(method, 0.9, seed, *digits, steps=32) for seed in (0, 0, 1)]
+def test_run_is_deterministic_per_seed(method):
+    spec = next(s for s in demo.experiment.specs(True, steps=32) if demo.experiment.label(s) == method
+                and s.sparsity == 0.9)
+    runs = [experiments.train(s) for s in (spec, spec, spec.replace(seed=1))]
     for key in ("accuracy", "sparsity", "flip_rates", "reactivated"):
-        assert runs[0][key] == runs[1][key]
-    assert runs[0]["flip_rates"] != runs[2]["flip_rates"] or runs[0]["accuracy"] != runs[2]["accuracy"]
-    assert runs[0]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+        assert runs[0].metrics[key] == runs[1].metrics[key]
+    assert runs[0].metrics["flip_rates"] != runs[2].metrics["flip_rates"] or \
+        runs[0].metrics["accuracy"] != runs[2].metrics["accuracy"]
+    assert runs[0].metrics["sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 
-def test_demo_command_writes_table_json_and_plot(tmp_path, capsys):
-    assert cli_main(["demo", "--quick", "--steps", "20", "--no-speed", "--out", str(tmp_path)]) == 0
+def test_demo_command_writes_table_claims_json_and_plot(tmp_path, capsys):
+    argv = ["demo", "--quick", "--steps", "20", "--seeds", "2", "--no-speed", "--workers", "0", "--out", str(tmp_path)]
+    assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     for method in demo.METHODS:
         assert method in printed
+    assert "claims (one-sided Welch t-test" in printed and "DPF is more accurate than gradual" in printed
     results = json.loads((tmp_path / "demo.json").read_text())
-    assert len(results["runs"]) == 1 + 3 * 3
-    assert {(row["method"], row["target"]) for row in results["summary"]} == (
+    runs = results["numbers"]["runs"]
+    assert len(runs) == 2 * (1 + 4 * 3) and results["numbers"]["trained_now"] == len(runs)
+    assert {(row["method"], row["target"]) for row in results["numbers"]["summary"]} == (
         {("dense", 0.0)} | {(m, s) for m in demo.METHODS[1:] for s in demo.SPARSITIES})
-    for row in results["summary"]:
+    for row in results["numbers"]["summary"]:
         assert row["sparsity"] == pytest.approx(row["target"], abs=1e-4)
-    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(results["claims"]) == 4
+    assert all(claim["verdict"] in ("holds", "does not hold", "inconclusive") for claim in results["claims"])
+    assert all(len(claim["details"]["a"]) == 2 for claim in results["claims"])  # the two seeds
+    assert "## Claims" in (tmp_path / "demo.md").read_text()
+    assert (tmp_path / "demo-accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Rerun: everything is stored, nothing is trained again.
+    assert cli_main(argv) == 0
+    assert json.loads((tmp_path / "demo.json").read_text())["numbers"]["trained_now"] == 0
+
+
+def test_digits_variant_is_the_digits_cnn():
+    specs = demo.experiment.specs(False, data="digits")
+    assert {(s.data, s.model, s.steps) for s in specs} == {("digits", "digits-cnn", 480)}
+    assert len(specs) == 3 * (1 + 4 * 3) and {s.seed for s in specs} == {0, 1, 2}
 
 
 def test_speed_section_times_dense_against_the_sparse_layer(monkeypatch):
@@ -90,7 +97,7 @@ def test_speed_section_measures_real_times():
 
 
 def _refuses_before_training(monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(demo, "train_run", lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr(demo, "run_population", lambda *args, **kwargs: pytest.fail("training started"))
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--quick", "--no-speed", *argv])
     assert exit_info.value.code == 2

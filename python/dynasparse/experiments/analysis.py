@@ -38,7 +38,8 @@ def logits(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 1024) ->
 
 def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The sparse layers of `model` by name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, (SparseConv2d, SparseLinear, SparseTransposedLinear))}
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (SparseConv2d, SparseLinear, SparseTransposedLinear))}
 
 
 def _labels(name: str, outputs: torch.Tensor) -> torch.Tensor:

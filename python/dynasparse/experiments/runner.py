@@ -184,7 +184,13 @@ class ProcessExecutor:
         queue = collections.deque(tasks)
         workers = [self._start(context) for _ in range(min(self.workers, len(queue)))]
         busy: dict = {}  # connection -> its task
-        reported: set = set()  # the connections of workers that started a run (they started up)
+        started: dict = {}  # connection -> the run id its worker last reported started
+
+        def dispatch(connection) -> None:
+            if connection not in busy and queue:
+                busy[connection] = queue.popleft()
+                with contextlib.suppress(OSError):  # a worker that just died: its sentinel says so
+                    connection.send(busy[connection])
 
         def drain(connection) -> bool:
             """Handle the worker's messages; False once its end is closed (it exited)."""
@@ -192,12 +198,13 @@ class ProcessExecutor:
                 while connection.poll():
                     message = connection.recv()
                     if message[0] == "started":
-                        reported.add(connection)
+                        started[connection] = message[1]
                         sink.started(message[1], message[2])
                     elif message[0] == "progress":
                         sink.progress(message[1], message[2])
                     else:
                         del busy[connection]
+                        dispatch(connection)  # the worker goes on while the outcome is stored
                         sink.finished(message[1])
             except (EOFError, OSError):
                 return False
@@ -206,10 +213,7 @@ class ProcessExecutor:
         try:
             while queue or busy:
                 for _, connection in workers:
-                    if connection not in busy and queue:
-                        busy[connection] = queue.popleft()
-                        with contextlib.suppress(OSError):  # a worker that just died: its sentinel says so
-                            connection.send(busy[connection])
+                    dispatch(connection)
                 ready = multiprocessing.connection.wait([connection for _, connection in workers]
                                                         + [process.sentinel for process, _ in workers])
                 dead = [worker for worker in workers
@@ -219,16 +223,17 @@ class ProcessExecutor:
                     process.join()
                     connection.close()
                     workers.remove((process, connection))
-                    task = busy.pop(connection, None)
-                    if task is not None and connection in reported:
+                    task, last = busy.pop(connection, None), started.pop(connection, None)
+                    if task is not None and last == task.run_id:
                         sink.finished(Outcome(task.run_id, error=f"the worker process (pid {process.pid}) died "
                                               f"during the run (exit code {process.exitcode})"))
+                    elif task is not None and last is not None:
+                        queue.appendleft(task)  # it died between two runs: this one never started
                     elif task is not None:
                         sink.finished(Outcome(task.run_id, error=(
                             f"the worker process (pid {process.pid}) died while starting (exit code "
                             f"{process.exitcode}); a script that runs a population must start it under "
                             "`if __name__ == '__main__':`, since worker processes import the main module")))
-                    reported.discard(connection)
                     if len(workers) < min(self.workers, len(queue) + len(busy)):
                         workers.append(self._start(context))
         finally:
@@ -294,10 +299,27 @@ class PopulationResult:
     reused: int
     failed: list[RunRecord]
     seconds: float
+    code_version: str | None = None
 
     @property
     def complete(self) -> bool:
         return all(record.complete for record in self.records)
+
+    @property
+    def stale(self) -> list[RunRecord]:
+        """Stored runs trained by another version of the code than this one (`git describe`;
+        a run id covers the spec, not the code): delete them, or the directory, to retrain."""
+        return [record for record in self.records if record.complete and record.git_commit and self.code_version
+                and record.git_commit != self.code_version]
+
+    def stale_note(self) -> str | None:
+        """A line saying which stored runs come from other code, or None."""
+        stale = self.stale
+        if not stale:
+            return None
+        versions = sorted({record.git_commit for record in stale})
+        return (f"note: {len(stale)} of the stored runs were trained by code version {', '.join(versions)}, not the "
+                f"current {self.code_version}; delete the directory (or pass another) to train them again")
 
 
 class _Sink:
@@ -396,7 +418,8 @@ def run_population(specs: Iterable[RunSpec], directory: str | os.PathLike, *, wo
         show = sys.stderr.isatty() if progress is None else progress
         with tqdm(total=sum(steps.values()), desc=description, unit="step", file=sys.stderr, disable=not show,
                   dynamic_ncols=True) as bar:
-            sink = _Sink(store, steps, bar, on_record, code_version())
+            version = code_version()
+            sink = _Sink(store, steps, bar, on_record, version)
             try:
                 if todo:
                     executor.run([Task(spec.run_id, spec.to_json(), hooks) for spec in todo], sink)
@@ -405,4 +428,4 @@ def run_population(specs: Iterable[RunSpec], directory: str | os.PathLike, *, wo
     final = store.records(specs)
     return PopulationResult(final, computed=len(todo), reused=len(specs) - len(todo),
                             failed=[record for record in final if record.status == "failed"],
-                            seconds=time.perf_counter() - began)
+                            seconds=time.perf_counter() - began, code_version=version)

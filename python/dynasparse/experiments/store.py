@@ -112,7 +112,8 @@ class Store:
         try:
             self.directory = Path(os.fspath(directory))
         except TypeError:
-            raise TypeError(f"{_OWNER}: directory must be a str or os.PathLike, got {type(directory).__name__}") from None
+            raise TypeError(f"{_OWNER}: directory must be a str or os.PathLike, got "
+                            f"{type(directory).__name__}") from None
         self.database = self.directory / DATABASE
         if not create and not self.database.exists():
             raise FileNotFoundError(f"{_OWNER}: {self.directory} holds no run index ({DATABASE}); it is not an "
