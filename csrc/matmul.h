@@ -1,14 +1,14 @@
 // Argument checks and shapes of the masked matmul ops (plans, packing, products), shared by
 // the CPU and CUDA bindings; python/dynasparse/checks.py raises the same errors for the
-// Python backends. A plan's index tensors are trusted to be what the plan ops built (reading
-// them to validate would cost a pass and, on a GPU, a sync); everything else is checked.
+// Python backends. Everything is checked, a plan's index values too (see "plan values").
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
-#include "bitmask.h"
+#include <algorithm>
+#include <cstdint>
 
 namespace dynasparse {
 
@@ -79,6 +79,86 @@ inline void check_block_plan(const char* op, const at::Tensor& row_ptr, const at
                     " (a plan built for another shape or block size)");
 }
 
+// --- plan values ---
+//
+// The checks above see shapes only, but a plan's index values decide where the kernels read
+// and write, and a plan may come from anywhere (built by hand, loaded, edited). So every op
+// also checks the values against the matrix it runs on, whose K is the operand's own (x's
+// width, weight's, unpack's k, C * kh * kw): a plan whose columns fit that K cannot lead a
+// kernel out of range, whatever K the plan was built for. The functions here walk a whole
+// plan on the host and throw its first violation in index order, with the message
+// checks.py gives. The CPU block ops call them directly (a block plan is small); the panel
+// kernels check each segment in their own loops (cpu/panels.h) and the CUDA bindings on the
+// device, and both call these only to report what they found.
+
+// row_ptr [segments + 1] of a plan with nnz entries: from 0 to nnz, never decreasing.
+inline void check_row_ptr_values(const char* op, const int64_t* row_ptr, int64_t segments, int64_t nnz) {
+  TORCH_CHECK_VALUE(row_ptr[0] == 0, "dynasparse.", op, ": row_ptr[0] must be 0, got ", row_ptr[0],
+                    " (row_ptr and cols as built by the plan ops)");
+  TORCH_CHECK_VALUE(row_ptr[segments] == nnz, "dynasparse.", op, ": row_ptr[", segments,
+                    "] must be cols.numel() = ", nnz, ", got ", row_ptr[segments],
+                    " (row_ptr and cols as built by the plan ops)");
+  for (int64_t s = 0; s < segments; ++s) {
+    TORCH_CHECK_VALUE(row_ptr[s] <= row_ptr[s + 1], "dynasparse.", op, ": row_ptr must not decrease, but row_ptr[",
+                      s, "] = ", row_ptr[s], " > row_ptr[", s + 1, "] = ", row_ptr[s + 1]);
+  }
+}
+
+// Columns of panel p of a K-column matrix: the offsets its segments may hold are [0, width).
+inline int64_t panel_width(int64_t p, int64_t panel, int64_t k) { return std::min(panel, k - p * panel); }
+
+// A panel plan of an [n, k] matrix: row_ptr as above, and inside each (panel, row) segment
+// ascending column offsets (cols read as uint16) below the panel's width.
+inline void check_panel_plan_values(const char* op, const int64_t* row_ptr, const int16_t* cols, int64_t nnz,
+                                    int64_t panel, int64_t n, int64_t k) {
+  const int64_t segments = panel_count(k, panel) * n;
+  check_row_ptr_values(op, row_ptr, segments, nnz);
+  for (int64_t s = 0; s < segments; ++s) {
+    const int64_t p = s / n, width = panel_width(p, panel, k);
+    for (int64_t i = row_ptr[s]; i < row_ptr[s + 1]; ++i) {
+      const int64_t offset = static_cast<uint16_t>(cols[i]);
+      TORCH_CHECK_INDEX(offset < width, "dynasparse.", op, ": cols[", i, "] = ", offset, " is outside panel ", p,
+                        " of row ", s % n, ", whose column offsets are in [0, ", width, ") (a panel plan of an [", n,
+                        ", ", k, "] matrix with panel ", panel, ")");
+      const int64_t previous = i == row_ptr[s] ? -1 : static_cast<uint16_t>(cols[i - 1]);
+      TORCH_CHECK_VALUE(offset > previous, "dynasparse.", op, ": cols[", i, "] = ", offset, " follows cols[", i - 1,
+                        "] = ", previous, " in panel ", p, " of row ", s % n,
+                        ": column offsets must ascend inside a (panel, row) segment");
+    }
+  }
+}
+
+// A block plan of an [n, k] matrix: row_ptr as above, and inside each block row ascending
+// block columns below ceil(k / block).
+inline void check_block_plan_values(const char* op, const int64_t* row_ptr, const int32_t* cols, int64_t nnz,
+                                    int64_t block, int64_t n, int64_t k) {
+  const int64_t block_rows = ceil_div(n, block), block_cols = ceil_div(k, block);
+  check_row_ptr_values(op, row_ptr, block_rows, nnz);
+  for (int64_t r = 0; r < block_rows; ++r) {
+    for (int64_t q = row_ptr[r]; q < row_ptr[r + 1]; ++q) {
+      TORCH_CHECK_INDEX(cols[q] >= 0 && cols[q] < block_cols, "dynasparse.", op, ": cols[", q, "] = ", cols[q],
+                        " is outside block row ", r, ", whose block columns are in [0, ", block_cols,
+                        ") (a block plan of an [", n, ", ", k, "] matrix with block ", block, ")");
+      TORCH_CHECK_VALUE(q == row_ptr[r] || cols[q] > cols[q - 1], "dynasparse.", op, ": cols[", q, "] = ", cols[q],
+                        " follows cols[", q - 1, "] = ", cols[q - 1], " in block row ", r,
+                        ": block columns must ascend inside a block row");
+    }
+  }
+}
+
+// The same for CPU tensors that passed check_panel_plan / check_block_plan.
+inline void check_panel_plan_values(const char* op, const at::Tensor& row_ptr, const at::Tensor& cols,
+                                    int64_t panel, int64_t n, int64_t k) {
+  check_panel_plan_values(op, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int16_t>(), cols.numel(), panel,
+                          n, k);
+}
+
+inline void check_block_plan_values(const char* op, const at::Tensor& row_ptr, const at::Tensor& cols,
+                                    int64_t block, int64_t n, int64_t k) {
+  check_block_plan_values(op, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int32_t>(), cols.numel(), block,
+                          n, k);
+}
+
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(is_matmul_float(t.scalar_type()), "dynasparse.", op, ": ", name,
                    " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
@@ -95,13 +175,11 @@ inline void check_same_dtype(const char* op, const char* name, const at::Tensor&
                    " but ", ref_name, " is ", ref.scalar_type(), " (one dtype per product)");
 }
 
-// An activation-like operand (..., size) of the given dtype, beside `ref`.
-inline void check_operand(const char* op, const char* name, const at::Tensor& t, int64_t size,
-                          const at::Tensor& ref, const char* ref_name) {
+// An activation-like operand (..., size) of `ref`'s dtype and device.
+inline void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                          const char* ref_name) {
   check_float(op, name, t);
   TORCH_CHECK_VALUE(t.dim() >= 1, "dynasparse.", op, ": ", name, " must have at least one dimension");
-  TORCH_CHECK_VALUE(t.size(-1) == size, "dynasparse.", op, ": ", name, " must have ", size,
-                    " elements in its last dimension, got ", t.size(-1));
   check_same_dtype(op, name, t, ref, ref_name);
   check_same_device(op, name, t, ref, ref_name);
 }
@@ -237,11 +315,12 @@ inline void check_conv2d_panels(const at::Tensor& x, const at::Tensor& values, c
   }
 }
 
-// grad_out (..., N) and x (..., K): same leading dims, same dtype and device.
+// grad_out (..., N) and x (..., K): same leading dims, same dtype and device. Their widths
+// are N and K themselves; the plan (and sddmm_blocks' mask) is checked against them.
 inline void check_sddmm_operands(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
   check_float(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "dynasparse.", op, ": x must have at least one dimension");
-  check_operand(op, "grad_out", grad_out, grad_out.dim() >= 1 ? grad_out.size(-1) : 0, x, "x");
+  check_operand(op, "grad_out", grad_out, x, "x");
   TORCH_CHECK_VALUE(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
                     "dynasparse.", op, ": grad_out ", grad_out.sizes(), " and x ", x.sizes(),
                     " must have the same leading dimensions");
@@ -262,34 +341,6 @@ inline void check_sddmm_blocks(const at::Tensor& grad_out, const at::Tensor& x, 
                     mask.sizes());
   check_same_device("sddmm_blocks", "mask", mask, x, "x");
   check_block_plan("sddmm_blocks", row_ptr, cols, block, grad_out.size(-1), x, "x");
-}
-
-// mask_words [N, ceil(K / 32)] int32 (pack_mask of the [N, K] mask) beside `ref`.
-inline void check_mask_words(const char* op, const at::Tensor& mask_words, int64_t n, int64_t k,
-                             const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_TYPE(mask_words.scalar_type() == at::kInt, "dynasparse.", op,
-                   ": mask_words must be torch.int32 (pack_mask of the mask), got ", mask_words.scalar_type());
-  TORCH_CHECK_VALUE(mask_words.dim() == 2 && mask_words.size(0) == n && mask_words.size(1) == words_per_row(k),
-                    "dynasparse.", op, ": mask_words must be [", n, ", ", words_per_row(k),
-                    "] (pack_mask of an [", n, ", ", k, "] mask), got ", mask_words.sizes());
-  check_same_device(op, "mask_words", mask_words, ref, ref_name);
-}
-
-inline void check_masked_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
-                            const at::Tensor& tile_ptr, const at::Tensor& tile_cols, int64_t tile,
-                            const c10::optional<at::Tensor>& bias) {
-  check_weight("masked_mm", weight);
-  check_operand("masked_mm", "x", x, weight.size(1), weight, "weight");
-  check_mask_words("masked_mm", mask_words, weight.size(0), weight.size(1), weight, "weight");
-  check_block_plan("masked_mm", tile_ptr, tile_cols, tile, weight.size(0), weight, "weight");
-  check_bias("masked_mm", bias, weight.size(0), x);
-}
-
-inline void check_masked_sddmm(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mask_words,
-                               const at::Tensor& tile_ptr, const at::Tensor& tile_cols, int64_t tile) {
-  check_sddmm_operands("masked_sddmm", grad_out, x);
-  check_mask_words("masked_sddmm", mask_words, grad_out.size(-1), x.size(-1), x, "x");
-  check_block_plan("masked_sddmm", tile_ptr, tile_cols, tile, grad_out.size(-1), x, "x");
 }
 
 }  // namespace dynasparse

@@ -25,7 +25,9 @@ would for its own matmul (torch.backends.cuda.matmul.allow_tf32). Under TRITON_I
 bf16 is computed as on a GPU through two detours: operands upcast before tl.dot, fp32 results
 rounded by torch (see _dot, _empty_output).
 
-The launchers run the checks every backend runs (dynasparse.checks) before any launch.
+The launchers run the checks every backend runs (dynasparse.checks) before any launch, the
+tile plan's values included: the kernels index x, w and the words through it unchecked. On a
+GPU that check costs a few small torch ops and one synchronization per call.
 """
 
 import math
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from dynasparse.checks import check_masked_mm, check_masked_sddmm
+from dynasparse.checks import check_block_plan_values, check_masked_mm, check_masked_sddmm
 
 TILES = (32, 64, 128)
 DEFAULT_TILE = 64
@@ -223,6 +225,7 @@ def masked_mm(x, weight, mask_words, tile_ptr, tile_cols, tile: int, bias=None) 
     check_masked_mm(x, weight, mask_words, tile_ptr, tile_cols, tile, bias)
     _check_tile("masked_mm", tile)
     n, k = weight.shape
+    check_block_plan_values("masked_mm", tile_ptr, tile_cols, tile, n, k)
     x2d = _rows(x)
     m = x2d.shape[0]
     y = _empty_output((m, n), x)
@@ -243,6 +246,7 @@ def masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile: int) -> tor
     check_masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile)
     _check_tile("masked_sddmm", tile)
     n, k = grad_out.shape[-1], x.shape[-1]
+    check_block_plan_values("masked_sddmm", tile_ptr, tile_cols, tile, n, k)
     grad2d, x2d = _rows(grad_out), _rows(x)
     out = _empty_output((n, k), x)
     if n and k:

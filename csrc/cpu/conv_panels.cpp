@@ -42,8 +42,8 @@ struct ConvShape {
 // the row's nonzeros in plan order.
 
 template <typename scalar_t>
-void conv_generic(const ConvShape& s, const scalar_t* x, const scalar_t* values, const int64_t* row_ptr,
-                  const int16_t* cols, int64_t panel, const scalar_t* bias, scalar_t* y) {
+void conv_generic(PanelPlanCheck& check, const ConvShape& s, const scalar_t* x, const scalar_t* values,
+                  const int64_t* row_ptr, const int16_t* cols, int64_t panel, const scalar_t* bias, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t panels = panel_count(s.k, panel), pixels = s.pixels(), taps = s.kh * s.kw;
   at::parallel_for(0, s.batch * s.n, 1, [&](int64_t begin, int64_t end) {
@@ -52,6 +52,12 @@ void conv_generic(const ConvShape& s, const scalar_t* x, const scalar_t* values,
       const int64_t img = task / s.n, row = task % s.n;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t p = 0; p < panels; ++p) {
+        // Another thread may hold this row's image-0 task: each task checks what it reads
+        // (a compare per nonzero beside a pass over every output pixel).
+        if (!segment_ok_scalar(cols, row_ptr[p * s.n + row], row_ptr[p * s.n + row + 1], check.nnz(),
+                               check.width(p))) {
+          return check.fail();
+        }
         for (int64_t i = row_ptr[p * s.n + row]; i < row_ptr[p * s.n + row + 1]; ++i) {
           const int64_t kk = p * panel + col_offset(cols[i]);
           const int64_t dy = (kk % taps) / s.kw, dx = kk % s.kw;
@@ -81,7 +87,7 @@ void conv_generic(const ConvShape& s, const scalar_t* x, const scalar_t* values,
 
 #if DYNASPARSE_X86
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
 
 // Rows of W per accumulator group ([rows][64] floats: 128 KiB, in L2 beside the tile); wider
 // layers rebuild the tiles once per group.
@@ -214,9 +220,9 @@ void build_tile(const ConvShape& s, const SliceReader<kVecs>& reader, const floa
 }
 
 template <int kVecs>
-void conv_tasks_avx512(const ConvShape& s, const float* x, const float* values, const int64_t* row_ptr,
-                       const int16_t* cols, int64_t panel, const float* bias, float* y, int64_t task_begin,
-                       int64_t task_end) {
+void conv_tasks_avx512(PanelPlanCheck& check, const ConvShape& s, const float* x, const float* values,
+                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, const float* bias, float* y,
+                       int64_t task_begin, int64_t task_end) {
   constexpr int kWidth = 16 * kVecs;
   const int64_t pixels = s.pixels(), slices = ceil_div(pixels, kWidth), panels = panel_count(s.k, panel);
   const int64_t group_size = std::min(kGroupRows, s.n);
@@ -234,7 +240,13 @@ void conv_tasks_avx512(const ConvShape& s, const float* x, const float* values, 
       for (int64_t p = 0; p < panels; ++p) {
         build_tile<kVecs>(s, reader, x_img, p * panel, std::min(s.k, (p + 1) * panel), tile);
         const int64_t* segment = row_ptr + p * s.n;
+        const int64_t width = check.width(p);
+        // Every task reads every segment: the first task of each thread checks them.
+        if (task == task_begin && !rows_bounds_ok_avx512(segment, group, group_end, check.nnz())) return check.fail();
         for (int64_t row = group; row < group_end; ++row) {
+          if (task == task_begin && !segment_offsets_ok_avx512(cols, segment[row], segment[row + 1], width)) {
+            return check.fail();
+          }
           if (segment[row] == segment[row + 1]) continue;
           add_segment_avx512<kVecs>(values, cols, segment[row], segment[row + 1], tile,
                                     acc_rows + (row - group) * kWidth);
@@ -253,15 +265,15 @@ void conv_tasks_avx512(const ConvShape& s, const float* x, const float* values, 
   }
 }
 
-void conv_float_avx512(const ConvShape& s, const float* x, const float* values, const int64_t* row_ptr,
-                       const int16_t* cols, int64_t panel, const float* bias, float* y) {
+void conv_float_avx512(PanelPlanCheck& check, const ConvShape& s, const float* x, const float* values,
+                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, const float* bias, float* y) {
   const int vecs = vectors_for(s.pixels());
   const int64_t tasks = s.batch * ceil_div(s.pixels(), 16 * vecs);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     switch (vecs) {
-      case 4: return conv_tasks_avx512<4>(s, x, values, row_ptr, cols, panel, bias, y, begin, end);
-      case 2: return conv_tasks_avx512<2>(s, x, values, row_ptr, cols, panel, bias, y, begin, end);
-      default: return conv_tasks_avx512<1>(s, x, values, row_ptr, cols, panel, bias, y, begin, end);
+      case 4: return conv_tasks_avx512<4>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);
+      case 2: return conv_tasks_avx512<2>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);
+      default: return conv_tasks_avx512<1>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);
     }
   });
 }
@@ -284,23 +296,30 @@ at::Tensor conv2d_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   s.out_h = conv_output_size(s.height, s.kh, s.sh, s.ph, s.dh);
   s.out_w = conv_output_size(s.width, s.kw, s.sw, s.pw, s.dw);
   s.n = n, s.k = s.channels * s.kh * s.kw;
+  PanelPlanCheck check("conv2d_panels", row_ptr, cols, panel, n, s.k);
   at::Tensor y = at::empty({s.batch, n, s.out_h, s.out_w}, x.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) {
+    check.all();
+    return y;
+  }
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
   // The tile builder's lane offsets inside one channel plane are int32.
   const bool plane_fits_int32 = s.height * s.width <= std::numeric_limits<int32_t>::max();
   if (x.scalar_type() == at::kFloat && has_avx512() && plane_fits_int32) {
-    conv_float_avx512(s, x.const_data_ptr<float>(), values.const_data_ptr<float>(), starts, offsets, panel,
+    conv_float_avx512(check, s, x.const_data_ptr<float>(), values.const_data_ptr<float>(), starts, offsets, panel,
                       bias.defined() ? bias.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+    check.finish();
     return y;
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_panels", [&] {
-    conv_generic<scalar_t>(s, x.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(), starts, offsets,
-                           panel, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+    conv_generic<scalar_t>(check, s, x.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(), starts,
+                           offsets, panel, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                           y.data_ptr<scalar_t>());
   });
+  check.finish();
   return y;
 }
 

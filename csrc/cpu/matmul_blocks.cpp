@@ -169,6 +169,7 @@ at::Tensor pack_blocks_cpu(const at::Tensor& weight, const at::Tensor& mask, con
                            const at::Tensor& cols_in, int64_t block) {
   check_pack_blocks(weight, mask, row_ptr_in, cols_in, block);
   const int64_t n = weight.size(0), k = weight.size(1);
+  check_block_plan_values("pack_blocks", row_ptr_in, cols_in, block, n, k);
   const int64_t block_rows = ceil_div(n, block);
   at::Tensor values = at::empty({cols_in.numel(), block, block}, weight.options());
   if (values.numel() == 0) return values;
@@ -193,6 +194,7 @@ at::Tensor pack_blocks_cpu(const at::Tensor& weight, const at::Tensor& mask, con
 at::Tensor unpack_blocks_cpu(const at::Tensor& values_in, const at::Tensor& row_ptr_in, const at::Tensor& cols_in,
                              int64_t n, int64_t k) {
   const int64_t block = check_unpack_blocks(values_in, row_ptr_in, cols_in, n, k);
+  check_block_plan_values("unpack_blocks", row_ptr_in, cols_in, block, n, k);
   at::Tensor dense = at::empty({n, k}, values_in.options());
   if (dense.numel() == 0) return dense;
   const at::Tensor values = values_in.contiguous();
@@ -439,6 +441,7 @@ void spmm_fast(const at::Tensor& x, const at::Tensor& values, const int64_t* row
 at::Tensor spmm_blocks_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& row_ptr_in,
                            const at::Tensor& cols_in, int64_t n, const c10::optional<at::Tensor>& bias_in) {
   const int64_t block = check_spmm_blocks(x_in, values_in, row_ptr_in, cols_in, n, bias_in);
+  check_block_plan_values("spmm_blocks", row_ptr_in, cols_in, block, n, x_in.size(-1));
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = n;
   at::Tensor y = at::empty(shape, x_in.options());
@@ -599,6 +602,7 @@ at::Tensor sddmm_blocks_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_i
                             const at::Tensor& row_ptr_in, const at::Tensor& cols_in, int64_t block) {
   check_sddmm_blocks(grad_out_in, x_in, mask, row_ptr_in, cols_in, block);
   const int64_t n = grad_out_in.size(-1), k = x_in.size(-1);
+  check_block_plan_values("sddmm_blocks", row_ptr_in, cols_in, block, n, k);
   at::Tensor values = at::empty({cols_in.numel(), block, block}, x_in.options());
   if (values.numel() == 0) return values;
   // Both are read row by row along their last dimension.

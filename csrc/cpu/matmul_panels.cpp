@@ -147,13 +147,15 @@ std::tuple<at::Tensor, at::Tensor> plan_panels_cpu(const at::Tensor& mask_in, in
 
 constexpr int64_t kPackRows = 16;
 
-// start_rows(row_begin, row_end) runs before a block's nonzeros are visited.
+// start_rows(row_begin, row_end) runs before a block's nonzeros are visited, and after the
+// plan check of its segments.
 template <typename Visit, typename StartRows>
-void for_each_nonzero(const int64_t* row_ptr, const int16_t* cols, int64_t n, int64_t panels, int64_t panel,
-                      const Visit& visit, const StartRows& start_rows) {
+void for_each_nonzero(PanelPlanCheck& check, const int64_t* row_ptr, const int16_t* cols, int64_t n, int64_t panels,
+                      int64_t panel, const Visit& visit, const StartRows& start_rows) {
   at::parallel_for(0, ceil_div(n, kPackRows), 1, [&](int64_t block_begin, int64_t block_end) {
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t row_end = std::min(n, (block + 1) * kPackRows);
+      if (!check.rows_ok(block * kPackRows, row_end)) return check.fail();
       start_rows(block * kPackRows, row_end);
       for (int64_t p = 0; p < panels; ++p) {
         for (int64_t row = block * kPackRows; row < row_end; ++row) {
@@ -164,19 +166,24 @@ void for_each_nonzero(const int64_t* row_ptr, const int16_t* cols, int64_t n, in
       }
     }
   });
+  check.finish();
 }
 
 at::Tensor pack_panels_cpu(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& cols,
                            int64_t panel) {
   check_pack_panels(weight, row_ptr, cols, panel);
-  at::Tensor values = at::empty({cols.numel()}, weight.options());
-  if (cols.numel() == 0) return values;
   const int64_t n = weight.size(0), k = weight.size(1);
+  PanelPlanCheck check("pack_panels", row_ptr, cols, panel, n, k);
+  at::Tensor values = at::empty({cols.numel()}, weight.options());
+  if (cols.numel() == 0) {
+    check.all();
+    return values;
+  }
   const int64_t row_stride = weight.stride(0), col_stride = weight.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "pack_panels", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* out = values.data_ptr<scalar_t>();
-    for_each_nonzero(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int16_t>(), n, panel_count(k, panel),
+    for_each_nonzero(check, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int16_t>(), n, panel_count(k, panel),
                      panel, [&](int64_t i, int64_t row, int64_t col) { out[i] = w[row * row_stride + col * col_stride]; },
                      [](int64_t, int64_t) {});
   });
@@ -186,6 +193,7 @@ at::Tensor pack_panels_cpu(const at::Tensor& weight, const at::Tensor& row_ptr, 
 at::Tensor unpack_panels_cpu(const at::Tensor& values_in, const at::Tensor& row_ptr, const at::Tensor& cols,
                              int64_t panel, int64_t n, int64_t k) {
   check_unpack_panels(values_in, row_ptr, cols, panel, n, k);
+  PanelPlanCheck check("unpack_panels", row_ptr, cols, panel, n, k);
   const at::Tensor values = values_in.contiguous();
   // Each block of rows is zeroed right before its values land, while it is in cache: one pass
   // over the dense output instead of a zero fill and then a scatter.
@@ -193,8 +201,9 @@ at::Tensor unpack_panels_cpu(const at::Tensor& values_in, const at::Tensor& row_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "unpack_panels", [&] {
     const scalar_t* in = values.const_data_ptr<scalar_t>();
     scalar_t* out = dense.data_ptr<scalar_t>();
-    for_each_nonzero(row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int16_t>(), n, panel_count(k, panel),
-                     panel, [&](int64_t i, int64_t row, int64_t col) { out[row * k + col] = in[i]; },
+    for_each_nonzero(check, row_ptr.const_data_ptr<int64_t>(), cols.const_data_ptr<int16_t>(), n,
+                     panel_count(k, panel), panel,
+                     [&](int64_t i, int64_t row, int64_t col) { out[row * k + col] = in[i]; },
                      [&](int64_t row_begin, int64_t row_end) {
                        std::fill(out + row_begin * k, out + row_end * k, scalar_t(0));
                      });
@@ -206,14 +215,20 @@ at::Tensor unpack_panels_cpu(const at::Tensor& values_in, const at::Tensor& row_
 // Generic products (any dtype, any CPU): one output element at a time, panels in order.
 
 template <typename scalar_t>
-void spmm_generic(const at::Tensor& x, const scalar_t* values, const int64_t* row_ptr, const int16_t* cols,
-                  int64_t panel, int64_t n, const scalar_t* bias, scalar_t* y) {
+void spmm_generic(PanelPlanCheck& check, const at::Tensor& x, const scalar_t* values, const int64_t* row_ptr,
+                  const int16_t* cols, int64_t panel, int64_t n, const scalar_t* bias, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), k = x.size(1), panels = panel_count(k, panel);
   const int64_t batch_stride = x.stride(0), col_stride = x.stride(1);
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      // Once per row, not once per batch row.
+      for (int64_t p = 0; p < panels; ++p) {
+        if (!segment_ok_scalar(cols, row_ptr[p * n + row], row_ptr[p * n + row + 1], check.nnz(), check.width(p))) {
+          return check.fail();
+        }
+      }
       for (int64_t b = 0; b < batch; ++b) {
         const scalar_t* x_row = xs + b * batch_stride;
         acc_t acc = 0;
@@ -231,8 +246,8 @@ void spmm_generic(const at::Tensor& x, const scalar_t* values, const int64_t* ro
 }
 
 template <typename scalar_t>
-void sddmm_generic(const at::Tensor& grad_out, const at::Tensor& x, const int64_t* row_ptr, const int16_t* cols,
-                   int64_t panel, scalar_t* values) {
+void sddmm_generic(PanelPlanCheck& check, const at::Tensor& grad_out, const at::Tensor& x, const int64_t* row_ptr,
+                   const int16_t* cols, int64_t panel, scalar_t* values) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1), panels = panel_count(k, panel);
   const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
@@ -242,6 +257,9 @@ void sddmm_generic(const at::Tensor& grad_out, const at::Tensor& x, const int64_
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t p = 0; p < panels; ++p) {
+        if (!segment_ok_scalar(cols, row_ptr[p * n + row], row_ptr[p * n + row + 1], check.nnz(), check.width(p))) {
+          return check.fail();
+        }
         for (int64_t i = row_ptr[p * n + row]; i < row_ptr[p * n + row + 1]; ++i) {
           const int64_t col = p * panel + col_offset(cols[i]);
           acc_t acc = 0;
@@ -260,7 +278,7 @@ void sddmm_generic(const at::Tensor& grad_out, const at::Tensor& x, const int64_
 
 #if DYNASPARSE_X86
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
 
 // m [batch, cols] (any strides) -> ceil(batch / width) slices of [cols][width], zero past batch.
 at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
@@ -297,9 +315,9 @@ constexpr int64_t kGroupRows = 512;
 
 // y rows [row_begin, row_end) for all batch slices, kVecs vectors of 16 per slice row.
 template <int kVecs>
-void spmm_rows_avx512(const float* slices, int64_t slice_count, int64_t batch, int64_t k, const float* values,
-                      const int64_t* row_ptr, const int16_t* cols, int64_t panel, int64_t n, const float* bias,
-                      float* y, int64_t row_begin, int64_t row_end) {
+void spmm_rows_avx512(PanelPlanCheck& check, const float* slices, int64_t slice_count, int64_t batch, int64_t k,
+                      const float* values, const int64_t* row_ptr, const int16_t* cols, int64_t panel, int64_t n,
+                      const float* bias, float* y, int64_t row_begin, int64_t row_end) {
   constexpr int kWidth = 16 * kVecs;
   const int64_t panels = panel_count(k, panel);
   Scratch scratch(std::min(kGroupRows, row_end - row_begin) * kWidth);
@@ -312,9 +330,13 @@ void spmm_rows_avx512(const float* slices, int64_t slice_count, int64_t batch, i
       for (int64_t p = 0; p < panels; ++p) {
         const float* x_panel = x_slice + p * panel * kWidth;
         const int64_t* segment = row_ptr + p * n;
+        const int64_t width = check.width(p);
+        // The group's segments are the same for every slice: checked on the first.
+        if (slice == 0 && !rows_bounds_ok_avx512(segment, group, group_end, check.nnz())) return check.fail();
         for (int64_t row = group; row < group_end; ++row) {
           int64_t i = segment[row];
           const int64_t end = segment[row + 1];
+          if (slice == 0 && !segment_offsets_ok_avx512(cols, i, end, width)) return check.fail();
           if (i == end) continue;
           add_segment_avx512<kVecs>(values, cols, i, end, x_panel, acc_rows + (row - group) * kWidth);
         }
@@ -331,8 +353,9 @@ void spmm_rows_avx512(const float* slices, int64_t slice_count, int64_t batch, i
 }
 
 // Batch 1: x (16 KiB for K = 4096) sits in L1 whole; 16 nonzeros at a time gather their x.
-void spmv_rows_avx512(const float* x, int64_t k, const float* values, const int64_t* row_ptr, const int16_t* cols,
-                      int64_t panel, int64_t n, const float* bias, float* y, int64_t row_begin, int64_t row_end) {
+void spmv_rows_avx512(PanelPlanCheck& check, const float* x, int64_t k, const float* values, const int64_t* row_ptr,
+                      const int16_t* cols, int64_t panel, int64_t n, const float* bias, float* y, int64_t row_begin,
+                      int64_t row_end) {
   const int64_t panels = panel_count(k, panel);
   Scratch scratch((row_end - row_begin) * 16);
   float* acc_rows = scratch.data;
@@ -340,19 +363,38 @@ void spmv_rows_avx512(const float* x, int64_t k, const float* values, const int6
   for (int64_t p = 0; p < panels; ++p) {
     const float* x_panel = x + p * panel;
     const int64_t* segment = row_ptr + p * n;
+    const __m256i last = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(check.width(p) - 1)));
     for (int64_t row = row_begin; row < row_end; ++row) {
       int64_t i = segment[row];
       const int64_t end = segment[row + 1];
+      if (!segment_bounds_ok(i, end, check.nnz())) return check.fail();
       if (i == end) continue;
       float* out = acc_rows + (row - row_begin) * 16;
       __m512 acc = _mm512_loadu_ps(out);
-      for (; i + 16 <= end; i += 16) {
-        const __m512i index = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + i)));
+      // The offsets' check (segment_offsets_ok_avx512) fused into the gathers, which load 16
+      // offsets at a time anyway: each below the width and above its predecessor (loaded one
+      // element back, which measured cheaper than shifting it in from the registers), before
+      // it is used. Lane 0 of the segment's first vector has no predecessor.
+      __mmask16 follows = 0xFFFE;
+      for (; i + 16 <= end; i += 16, follows = 0xFFFF) {
+        const __m256i offsets = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + i));
+        const __m256i previous = _mm256_maskz_loadu_epi16(follows, cols + i - 1);
+        if (!_kortestz_mask16_u8(_mm256_cmpgt_epu16_mask(offsets, last),
+                                 _mm256_mask_cmple_epu16_mask(follows, offsets, previous))) {
+          return check.fail();
+        }
+        const __m512i index = _mm512_cvtepu16_epi32(offsets);
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(values + i), _mm512_i32gather_ps(index, x_panel, 4), acc);
       }
       if (i < end) {
-        const __mmask16 lanes = static_cast<__mmask16>((1u << (end - i)) - 1);
-        const __m512i index = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, cols + i));
+        const __mmask16 lanes = static_cast<__mmask16>(_bzhi_u32(0xFFFF, static_cast<unsigned>(end - i)));
+        const __m256i offsets = _mm256_maskz_loadu_epi16(lanes, cols + i);
+        const __m256i previous = _mm256_maskz_loadu_epi16(lanes & follows, cols + i - 1);
+        if (!_kortestz_mask16_u8(_mm256_mask_cmpgt_epu16_mask(lanes, offsets, last),
+                                 _mm256_mask_cmple_epu16_mask(lanes & follows, offsets, previous))) {
+          return check.fail();
+        }
+        const __m512i index = _mm512_cvtepu16_epi32(offsets);
         const __m512 gathered = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, x_panel, 4);
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, values + i), gathered, acc);
       }
@@ -380,9 +422,9 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // values of rows [row_begin, row_end): per nonzero, the dot product of its grad_out and x
 // slice rows, four nonzeros at a time (sixteen chains at kVecs = 4), slices in order.
 template <int kVecs>
-void sddmm_rows_avx512(const float* g_slices, const float* x_slices, int64_t slice_count, int64_t n, int64_t k,
-                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values, int64_t row_begin,
-                       int64_t row_end) {
+void sddmm_rows_avx512(PanelPlanCheck& check, const float* g_slices, const float* x_slices, int64_t slice_count,
+                       int64_t n, int64_t k, const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values,
+                       int64_t row_begin, int64_t row_end) {
   constexpr int kWidth = 16 * kVecs;
   const int64_t panels = panel_count(k, panel);
   for (int64_t slice = 0; slice < slice_count; ++slice) {
@@ -391,8 +433,11 @@ void sddmm_rows_avx512(const float* g_slices, const float* x_slices, int64_t sli
     for (int64_t p = 0; p < panels; ++p) {
       const float* x_panel = x_slice + p * panel * kWidth;
       const int64_t* segment = row_ptr + p * n;
+      const int64_t width = check.width(p);
+      if (slice == 0 && !rows_bounds_ok_avx512(segment, row_begin, row_end, check.nnz())) return check.fail();
       for (int64_t row = row_begin; row < row_end; ++row) {
         const int64_t begin = segment[row], end = segment[row + 1];
+        if (slice == 0 && !segment_offsets_ok_avx512(cols, begin, end, width)) return check.fail();
         if (begin == end) continue;
         __m512 g[kVecs];
 #pragma GCC unroll 4
@@ -418,14 +463,14 @@ void sddmm_rows_avx512(const float* g_slices, const float* x_slices, int64_t sli
   }
 }
 
-void spmm_float_avx512(const at::Tensor& x, const float* values, const int64_t* row_ptr, const int16_t* cols,
-                       int64_t panel, int64_t n, const float* bias, float* y) {
+void spmm_float_avx512(PanelPlanCheck& check, const at::Tensor& x, const float* values, const int64_t* row_ptr,
+                       const int16_t* cols, int64_t panel, int64_t n, const float* bias, float* y) {
   const int64_t batch = x.size(0), k = x.size(1);
   if (batch == 1) {
     const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
     const float* xs = x_row.const_data_ptr<float>();
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-      spmv_rows_avx512(xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
+      spmv_rows_avx512(check, xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
     });
     return;
   }
@@ -435,15 +480,21 @@ void spmm_float_avx512(const at::Tensor& x, const float* values, const int64_t* 
   const int64_t slice_count = slices.size(0);
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     switch (vecs) {
-      case 4: return spmm_rows_avx512<4>(xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
-      case 2: return spmm_rows_avx512<2>(xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
-      default: return spmm_rows_avx512<1>(xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
+      case 4:
+        return spmm_rows_avx512<4>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
+                                   end);
+      case 2:
+        return spmm_rows_avx512<2>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
+                                   end);
+      default:
+        return spmm_rows_avx512<1>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
+                                   end);
     }
   });
 }
 
-void sddmm_float_avx512(const at::Tensor& grad_out, const at::Tensor& x, const int64_t* row_ptr,
-                        const int16_t* cols, int64_t panel, float* values) {
+void sddmm_float_avx512(PanelPlanCheck& check, const at::Tensor& grad_out, const at::Tensor& x,
+                        const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values) {
   const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1);
   const int vecs = vectors_for(batch);
   const at::Tensor g_slices = batch_slices(grad_out, 16 * vecs);
@@ -453,9 +504,9 @@ void sddmm_float_avx512(const at::Tensor& grad_out, const at::Tensor& x, const i
   const int64_t slice_count = x_slices.size(0);
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     switch (vecs) {
-      case 4: return sddmm_rows_avx512<4>(gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
-      case 2: return sddmm_rows_avx512<2>(gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
-      default: return sddmm_rows_avx512<1>(gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+      case 4: return sddmm_rows_avx512<4>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+      case 2: return sddmm_rows_avx512<2>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+      default: return sddmm_rows_avx512<1>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
     }
   });
 }
@@ -466,48 +517,59 @@ void sddmm_float_avx512(const at::Tensor& grad_out, const at::Tensor& x, const i
 at::Tensor spmm_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& row_ptr,
                            const at::Tensor& cols, int64_t panel, int64_t n, const c10::optional<at::Tensor>& bias_in) {
   check_spmm_panels(x_in, values_in, row_ptr, cols, panel, n, bias_in);
+  PanelPlanCheck check("spmm_panels", row_ptr, cols, panel, n, x_in.size(-1));
   const at::Tensor x = as_rows(x_in);
   const at::Tensor values = values_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   std::vector<int64_t> out_sizes(x_in.sizes().begin(), x_in.sizes().end());
   out_sizes.back() = n;
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  if (y.numel() == 0) return y.view(out_sizes);
+  if (y.numel() == 0) {
+    check.all();
+    return y.view(out_sizes);
+  }
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
   if (x.scalar_type() == at::kFloat && has_avx512()) {
-    spmm_float_avx512(x, values.const_data_ptr<float>(), starts, offsets, panel, n,
+    spmm_float_avx512(check, x, values.const_data_ptr<float>(), starts, offsets, panel, n,
                       bias.defined() ? bias.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+    check.finish();
     return y.view(out_sizes);
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spmm_panels", [&] {
-    spmm_generic<scalar_t>(x, values.const_data_ptr<scalar_t>(), starts, offsets, panel, n,
+    spmm_generic<scalar_t>(check, x, values.const_data_ptr<scalar_t>(), starts, offsets, panel, n,
                            bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
   });
+  check.finish();
   return y.view(out_sizes);
 }
 
 at::Tensor sddmm_panels_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& row_ptr,
                             const at::Tensor& cols, int64_t panel) {
   check_sddmm_panels(grad_out_in, x_in, row_ptr, cols, panel);
+  PanelPlanCheck check("sddmm_panels", row_ptr, cols, panel, grad_out_in.size(-1), x_in.size(-1));
   const at::Tensor grad_out = as_rows(grad_out_in);
   const at::Tensor x = as_rows(x_in);
   at::Tensor values = at::empty({cols.numel()}, x.options());
-  if (values.numel() == 0) return values;
-  if (x.size(0) == 0) return values.zero_();
+  if (values.numel() == 0 || x.size(0) == 0) {
+    check.all();
+    return values.zero_();
+  }
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
   if (x.scalar_type() == at::kFloat && has_avx512()) {
-    sddmm_float_avx512(grad_out, x, starts, offsets, panel, values.data_ptr<float>());
+    sddmm_float_avx512(check, grad_out, x, starts, offsets, panel, values.data_ptr<float>());
+    check.finish();
     return values;
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sddmm_panels", [&] {
-    sddmm_generic<scalar_t>(grad_out, x, starts, offsets, panel, values.data_ptr<scalar_t>());
+    sddmm_generic<scalar_t>(check, grad_out, x, starts, offsets, panel, values.data_ptr<scalar_t>());
   });
+  check.finish();
   return values;
 }
 

@@ -161,6 +161,33 @@ struct BlockMap {
   }
 };
 
+// --- plan check --------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads)
+    check_plan_kernel(const PanelPlan plan, int64_t segments, int64_t nnz, int32_t* __restrict__ flag) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  if (first == 0 && lane == 0 && (plan.row_ptr[0] != 0 || plan.row_ptr[segments] != nnz)) *flag = 1;
+  for (int64_t s = first; s < segments; s += warps_in_grid) {
+    const int64_t begin = plan.row_ptr[s], end = plan.row_ptr[s + 1];
+    // Unsigned compares: a negative begin or end fails them too.
+    if (static_cast<uint64_t>(begin) > static_cast<uint64_t>(end) ||
+        static_cast<uint64_t>(end) > static_cast<uint64_t>(nnz)) {
+      if (lane == 0) *flag = 1;
+      continue;
+    }
+    const int64_t lo = (s / plan.rows) * plan.panel;
+    const int64_t width = lo + plan.panel < plan.k ? plan.panel : plan.k - lo;
+    bool bad = false;
+    for (int64_t i = begin + lane; i < end; i += kWarp) {
+      const int64_t offset = static_cast<uint16_t>(plan.cols[i]);
+      bad |= offset >= width || (i > begin && offset <= static_cast<uint16_t>(plan.cols[i - 1]));
+    }
+    if (bad) *flag = 1;
+  }
+}
+
 // --- values ------------------------------------------------------------------------------
 
 // Calls body(i, row, column) for every plan nonzero, a warp per segment.
@@ -551,6 +578,21 @@ cudaError_t plan_blocks_fill(const BoolMatrix& mask, int64_t block, const int64_
                              int32_t* cols, cudaStream_t stream) {
   const BlockMap map(const_cast<void*>(workspace), mask.rows, mask.cols, block);
   return fill<int32_t>(map.matrix(mask, block), std::max<int64_t>(map.cols, 1), row_ptr, cols, stream);
+}
+
+cudaError_t check_panel_plan(const PanelPlan& plan, int64_t nnz, int32_t* flag, bool* invalid, cudaStream_t stream) {
+  const int64_t segments = ceil_div(plan.k, plan.panel) * plan.rows;
+  cudaError_t status = cudaMemsetAsync(flag, 0, sizeof(int32_t), stream);
+  if (status != cudaSuccess) return status;
+  // At least one warp: row_ptr's ends are checked also when there are no segments.
+  check_plan_kernel<<<warp_grid(std::max<int64_t>(segments, 1)), kThreads, 0, stream>>>(plan, segments, nnz, flag);
+  if ((status = cudaGetLastError()) != cudaSuccess) return status;
+  int32_t host_flag = 0;
+  status = cudaMemcpyAsync(&host_flag, flag, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+  if (status != cudaSuccess) return status;
+  if ((status = cudaStreamSynchronize(stream)) != cudaSuccess) return status;
+  *invalid = host_flag != 0;
+  return cudaSuccess;
 }
 
 cudaError_t pack_panels(const void* weight, int64_t row_stride, int64_t col_stride, size_t element_bytes,

@@ -70,6 +70,13 @@ cudaError_t plan_blocks_count(const BoolMatrix& mask, int64_t block, int64_t* ro
 cudaError_t plan_blocks_fill(const BoolMatrix& mask, int64_t block, const int64_t* row_ptr, const void* workspace,
                              int32_t* cols, cudaStream_t stream);
 
+// Whether the plan's index values are what check_panel_plan_values (csrc/matmul.h) accepts:
+// row_ptr from 0 to nnz, never decreasing, and inside each segment ascending column offsets
+// below its panel's width. A warp per segment sets `flag` (4 bytes of device memory) on any
+// violation; *invalid receives it, so this synchronizes `stream` once. Every kernel below
+// relies on it (they read row_ptr and cols unchecked).
+cudaError_t check_panel_plan(const PanelPlan& plan, int64_t nnz, int32_t* flag, bool* invalid, cudaStream_t stream);
+
 // values[i] = weight[row, column] of plan nonzero i; weight is [plan.rows, plan.k] with any
 // strides (counted in elements of `element_bytes` = 2, 4 or 8 bytes).
 cudaError_t pack_panels(const void* weight, int64_t row_stride, int64_t col_stride, size_t element_bytes,

@@ -1,6 +1,7 @@
 // CUDA registrations of the panel-plan masked matmul ops and of plan_blocks: tensors -> the
-// torch-free launchers in matmul.cuh. plan_panels and plan_blocks synchronize their stream
-// once (to size `cols` by the number of nonzeros); every other op is asynchronous.
+// torch-free launchers in matmul.cuh. Every op synchronizes its stream once: plan_panels and
+// plan_blocks to size `cols` by the number of nonzeros, the others to learn whether the
+// plan they were given passed its check on the device before any kernel reads through it.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
@@ -37,6 +38,20 @@ cuda::PanelPlan panel_plan(const at::Tensor& row_ptr, const at::Tensor& cols, in
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// The plan's values, checked on the device; a bad plan is copied to the host to throw its
+// first violation with the message of every other backend.
+void check_plan_values(const char* op, const at::Tensor& row_ptr, const at::Tensor& cols, int64_t panel, int64_t rows,
+                       int64_t k) {
+  at::Tensor flag = at::empty({1}, row_ptr.options().dtype(at::kInt));
+  bool invalid = false;
+  check_launch(cuda::check_panel_plan(panel_plan(row_ptr, cols, rows, k, panel), cols.numel(),
+                                      flag.data_ptr<int32_t>(), &invalid, current_stream(row_ptr)),
+               op);
+  if (!invalid) return;
+  check_panel_plan_values(op, row_ptr.cpu(), cols.cpu(), panel, rows, k);
+  TORCH_INTERNAL_ASSERT(false, "dynasparse.", op, ": the plan failed its device check but passed the host one");
 }
 
 // x (..., size) as a contiguous [rows, size] matrix (also when size or the leading dims are 0).
@@ -92,6 +107,7 @@ at::Tensor pack_panels_cuda(const at::Tensor& weight, const at::Tensor& row_ptr,
                             int64_t panel) {
   check_pack_panels(weight, row_ptr, cols, panel);
   c10::DeviceGuard device_guard(weight.device());
+  check_plan_values("pack_panels", row_ptr, cols, panel, weight.size(0), weight.size(1));
   at::Tensor values = at::empty({cols.numel()}, weight.options());
   if (cols.numel() == 0) return values;
   check_launch(cuda::pack_panels(weight.data_ptr(), weight.stride(0), weight.stride(1), weight.element_size(),
@@ -105,6 +121,7 @@ at::Tensor unpack_panels_cuda(const at::Tensor& values_in, const at::Tensor& row
                               int64_t panel, int64_t n, int64_t k) {
   check_unpack_panels(values_in, row_ptr, cols, panel, n, k);
   c10::DeviceGuard device_guard(values_in.device());
+  check_plan_values("unpack_panels", row_ptr, cols, panel, n, k);
   const at::Tensor values = values_in.contiguous();
   at::Tensor dense = at::empty({n, k}, values.options());
   check_launch(cuda::unpack_panels(values.data_ptr(), values.element_size(), panel_plan(row_ptr, cols, n, k, panel),
@@ -118,6 +135,7 @@ at::Tensor spmm_panels_cuda(const at::Tensor& x_in, const at::Tensor& values_in,
                             const c10::optional<at::Tensor>& bias_in) {
   check_spmm_panels(x_in, values_in, row_ptr, cols, panel, n, bias_in);
   c10::DeviceGuard device_guard(x_in.device());
+  check_plan_values("spmm_panels", row_ptr, cols, panel, n, x_in.size(-1));
   const at::Tensor x = as_rows(x_in);
   const at::Tensor values = values_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -135,6 +153,7 @@ at::Tensor sddmm_panels_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_
                              const at::Tensor& cols, int64_t panel) {
   check_sddmm_panels(grad_out_in, x_in, row_ptr, cols, panel);
   c10::DeviceGuard device_guard(x_in.device());
+  check_plan_values("sddmm_panels", row_ptr, cols, panel, grad_out_in.size(-1), x_in.size(-1));
   const at::Tensor x = as_rows(x_in);
   // [N, batch]: a warp reads one row's gradients for consecutive batch rows.
   const at::Tensor grad_out_t = as_rows(grad_out_in).t().contiguous();

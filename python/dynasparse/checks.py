@@ -317,6 +317,104 @@ def check_block_plan(op: str, row_ptr: torch.Tensor, cols: torch.Tensor, block: 
                          f"{block} over {n} rows has {expected} (a plan built for another shape or block size)")
 
 
+# Plan values (csrc/matmul.h, "plan values"): the shape checks above cannot see them, so the
+# backends that read through a plan check its values too, against the matrix they run on.
+# The fakes cannot (no data); the reference and the Triton launchers call these. A valid plan
+# costs a few whole-tensor ops and one synchronization (on a GPU); an invalid one raises its
+# first violation in index order, with the C++ backends' message. Under torch.compile (the
+# reference traced into a graph, where data cannot steer Python) the same condition becomes
+# a runtime assert with a summary message.
+
+_AS_BUILT = " (row_ptr and cols as built by the plan ops)"
+
+
+def _first(condition: torch.Tensor) -> int:
+    return int(condition.nonzero()[0, 0])
+
+
+def _check_row_ptr_values(op: str, row_ptr: torch.Tensor, nnz: int) -> None:
+    segments = row_ptr.numel() - 1
+    start, end = int(row_ptr[0]), int(row_ptr[-1])
+    if start != 0:
+        raise ValueError(f"dynasparse.{op}: row_ptr[0] must be 0, got {start}{_AS_BUILT}")
+    if end != nnz:
+        raise ValueError(f"dynasparse.{op}: row_ptr[{segments}] must be cols.numel() = {nnz}, got {end}{_AS_BUILT}")
+    drops = row_ptr[1:] < row_ptr[:-1]
+    if drops.any():
+        s = _first(drops)
+        raise ValueError(f"dynasparse.{op}: row_ptr must not decrease, but row_ptr[{s}] = {int(row_ptr[s])} > "
+                         f"row_ptr[{s + 1}] = {int(row_ptr[s + 1])}")
+
+
+def _entry_segments(row_ptr: torch.Tensor, nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each plan entry's segment and whether the entry opens it: by a search that stays in
+    range whatever row_ptr holds, and is meaningful once row_ptr is valid."""
+    index = torch.arange(nnz, device=row_ptr.device)
+    segment = (torch.searchsorted(row_ptr, index, right=True) - 1).clamp(0, max(row_ptr.numel() - 2, 0))
+    return segment, row_ptr[segment] == index
+
+
+def _check_plan(op: str, row_ptr: torch.Tensor, nnz: int, outside: torch.Tensor, unordered: torch.Tensor,
+                summary: str, describe) -> None:
+    """row_ptr from 0 to nnz, never decreasing, and no entry outside its range (IndexError)
+    or not above its predecessor (ValueError); describe(i, outside) words entry i's fault."""
+    faults = outside | unordered
+    valid = (row_ptr[0] == 0) & (row_ptr[-1] == nnz) & (row_ptr[1:] >= row_ptr[:-1]).all() & ~faults.any()
+    if torch.compiler.is_compiling():
+        torch._assert_async(valid, f"dynasparse.{op}: {summary} (the eager call names the first violation)")
+        return
+    if bool(valid):
+        return
+    _check_row_ptr_values(op, row_ptr, nnz)
+    i = _first(faults)
+    if bool(outside[i]):
+        raise IndexError(f"dynasparse.{op}: {describe(i, True)}")
+    raise ValueError(f"dynasparse.{op}: {describe(i, False)}")
+
+
+def check_panel_plan_values(op: str, row_ptr: torch.Tensor, cols: torch.Tensor, panel: int, n: int, k: int) -> None:
+    """A panel plan of an [n, k] matrix (shapes already checked): row_ptr from 0 to
+    cols.numel(), never decreasing; inside each (panel, row) segment, ascending column
+    offsets (cols read as uint16) below the panel's width."""
+    nnz = cols.numel()
+    segment, opens = _entry_segments(row_ptr, nnz)
+    offsets = cols.to(torch.int64) & 0xFFFF
+    panel_index = segment // max(n, 1)
+    width = (k - panel_index * panel).clamp(max=panel)
+    previous = offsets.roll(1)
+
+    def describe(i: int, outside: bool) -> str:
+        p, row = int(panel_index[i]), int(segment[i]) % max(n, 1)
+        if outside:
+            return (f"cols[{i}] = {int(offsets[i])} is outside panel {p} of row {row}, whose column offsets are in "
+                    f"[0, {int(width[i])}) (a panel plan of an [{n}, {k}] matrix with panel {panel})")
+        return (f"cols[{i}] = {int(offsets[i])} follows cols[{i - 1}] = {int(previous[i])} in panel {p} of row {row}: "
+                "column offsets must ascend inside a (panel, row) segment")
+
+    _check_plan(op, row_ptr, nnz, offsets >= width, ~opens & (offsets <= previous),
+                   f"row_ptr and cols are not a panel plan of an [{n}, {k}] matrix with panel {panel}", describe)
+
+
+def check_block_plan_values(op: str, row_ptr: torch.Tensor, cols: torch.Tensor, block: int, n: int, k: int) -> None:
+    """A block plan of an [n, k] matrix (shapes already checked): row_ptr as for panel plans;
+    inside each block row, ascending block columns below ceil(k / block)."""
+    nnz = cols.numel()
+    segment, opens = _entry_segments(row_ptr, nnz)
+    columns = cols.to(torch.int64)
+    block_cols = ceil_div(k, block)
+    previous = columns.roll(1)
+
+    def describe(q: int, outside: bool) -> str:
+        if outside:
+            return (f"cols[{q}] = {int(columns[q])} is outside block row {int(segment[q])}, whose block columns are in "
+                    f"[0, {block_cols}) (a block plan of an [{n}, {k}] matrix with block {block})")
+        return (f"cols[{q}] = {int(columns[q])} follows cols[{q - 1}] = {int(previous[q])} in block row "
+                f"{int(segment[q])}: block columns must ascend inside a block row")
+
+    _check_plan(op, row_ptr, nnz, (columns < 0) | (columns >= block_cols), ~opens & (columns <= previous),
+                   f"row_ptr and cols are not a block plan of an [{n}, {k}] matrix with block {block}", describe)
+
+
 def _check_float(op: str, name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in MATMUL_DTYPES:
         raise TypeError(f"dynasparse.{op}: {name} must be float32, float64, float16 or bfloat16, "
@@ -335,11 +433,13 @@ def _check_same_dtype(op: str, name: str, tensor: torch.Tensor, ref: torch.Tenso
                         f"{_dtype_name(ref.dtype)} (one dtype per product)")
 
 
-def _check_operand(op: str, name: str, tensor: torch.Tensor, size: int, ref: torch.Tensor, ref_name: str) -> None:
+def _check_operand(op: str, name: str, tensor: torch.Tensor, ref: torch.Tensor, ref_name: str,
+                   size: int | None = None) -> None:
+    """An activation-like operand (..., size) of ref's dtype and device (any width when size is None)."""
     _check_float(op, name, tensor)
     if tensor.dim() < 1:
         raise ValueError(f"dynasparse.{op}: {name} must have at least one dimension")
-    if tensor.shape[-1] != size:
+    if size is not None and tensor.shape[-1] != size:
         raise ValueError(f"dynasparse.{op}: {name} must have {size} elements in its last dimension, "
                          f"got {tensor.shape[-1]}")
     _check_same_dtype(op, name, tensor, ref, ref_name)
@@ -469,10 +569,11 @@ def check_conv2d_panels(x, values, row_ptr, cols, panel: int, n: int, kernel_siz
 
 
 def _check_sddmm_operands(op: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    # Their widths are N and K themselves; the plan (and sddmm_blocks' mask) is checked against them.
     _check_float(op, "x", x)
     if x.dim() < 1:
         raise ValueError(f"dynasparse.{op}: x must have at least one dimension")
-    _check_operand(op, "grad_out", grad_out, grad_out.shape[-1] if grad_out.dim() >= 1 else 0, x, "x")
+    _check_operand(op, "grad_out", grad_out, x, "x")
     if grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"dynasparse.{op}: grad_out {list(grad_out.shape)} and x {list(x.shape)} "
                          "must have the same leading dimensions")
@@ -505,7 +606,7 @@ def _check_mask_words(op: str, mask_words, n: int, k: int, ref, ref_name: str) -
 
 def check_masked_mm(x, weight, mask_words, tile_ptr, tile_cols, tile: int, bias) -> None:
     _check_weight("masked_mm", weight)
-    _check_operand("masked_mm", "x", x, weight.shape[1], weight, "weight")
+    _check_operand("masked_mm", "x", x, weight, "weight", size=weight.shape[1])
     _check_mask_words("masked_mm", mask_words, weight.shape[0], weight.shape[1], weight, "weight")
     check_block_plan("masked_mm", tile_ptr, tile_cols, tile, weight.shape[0], weight, "weight")
     _check_bias("masked_mm", bias, weight.shape[0], x)
