@@ -313,6 +313,18 @@ at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
 // width 64) stay in L2 while every panel of a slice passes over them.
 constexpr int64_t kGroupRows = 512;
 
+// Panels summed into a fresh accumulator before joining the running total: where panels are
+// narrow (or K long), one accumulator over all of K is a chain of K additions, an error
+// several times torch's blocked GEMM's.
+constexpr int64_t kPanelBlock = 16;
+
+inline void add_and_clear(float* total, float* acc, int64_t floats) {
+  for (int64_t i = 0; i < floats; ++i) {
+    total[i] += acc[i];
+    acc[i] = 0.0f;
+  }
+}
+
 // y rows [row_begin, row_end) for all batch slices, kVecs vectors of 16 per slice row.
 template <int kVecs>
 void spmm_rows_avx512(PanelPlanCheck& check, const float* slices, int64_t slice_count, int64_t batch, int64_t k,
@@ -320,14 +332,19 @@ void spmm_rows_avx512(PanelPlanCheck& check, const float* slices, int64_t slice_
                       const float* bias, float* y, int64_t row_begin, int64_t row_end) {
   constexpr int kWidth = 16 * kVecs;
   const int64_t panels = panel_count(k, panel);
-  Scratch scratch(std::min(kGroupRows, row_end - row_begin) * kWidth);
+  const int64_t group_floats = std::min(kGroupRows, row_end - row_begin) * kWidth;
+  Scratch scratch(2 * group_floats);
   float* acc_rows = scratch.data;
+  float* total_rows = scratch.data + group_floats;
   for (int64_t group = row_begin; group < row_end; group += kGroupRows) {
     const int64_t group_end = std::min(row_end, group + kGroupRows);
+    const int64_t floats = (group_end - group) * kWidth;
     for (int64_t slice = 0; slice < slice_count; ++slice) {
-      std::memset(acc_rows, 0, (group_end - group) * kWidth * sizeof(float));
+      std::memset(acc_rows, 0, floats * sizeof(float));
+      std::memset(total_rows, 0, floats * sizeof(float));
       const float* x_slice = slices + slice * k * kWidth;
       for (int64_t p = 0; p < panels; ++p) {
+        if (p % kPanelBlock == 0 && p > 0) add_and_clear(total_rows, acc_rows, floats);
         const float* x_panel = x_slice + p * panel * kWidth;
         const int64_t* segment = row_ptr + p * n;
         const int64_t width = check.width(p);
@@ -341,11 +358,12 @@ void spmm_rows_avx512(PanelPlanCheck& check, const float* slices, int64_t slice_
           add_segment_avx512<kVecs>(values, cols, i, end, x_panel, acc_rows + (row - group) * kWidth);
         }
       }
+      add_and_clear(total_rows, acc_rows, floats);
       const int64_t lanes = std::min<int64_t>(kWidth, batch - slice * kWidth);
       for (int64_t b = 0; b < lanes; ++b) {
         float* y_row = y + (slice * kWidth + b) * n;
         for (int64_t row = group; row < group_end; ++row) {
-          y_row[row] = acc_rows[(row - group) * kWidth + b] + (bias != nullptr ? bias[row] : 0.0f);
+          y_row[row] = total_rows[(row - group) * kWidth + b] + (bias != nullptr ? bias[row] : 0.0f);
         }
       }
     }
@@ -357,10 +375,13 @@ void spmv_rows_avx512(PanelPlanCheck& check, const float* x, int64_t k, const fl
                       const int16_t* cols, int64_t panel, int64_t n, const float* bias, float* y, int64_t row_begin,
                       int64_t row_end) {
   const int64_t panels = panel_count(k, panel);
-  Scratch scratch((row_end - row_begin) * 16);
+  const int64_t floats = (row_end - row_begin) * 16;
+  Scratch scratch(2 * floats);
   float* acc_rows = scratch.data;
-  std::memset(acc_rows, 0, (row_end - row_begin) * 16 * sizeof(float));
+  float* total_rows = scratch.data + floats;
+  std::memset(acc_rows, 0, 2 * floats * sizeof(float));
   for (int64_t p = 0; p < panels; ++p) {
+    if (p % kPanelBlock == 0 && p > 0) add_and_clear(total_rows, acc_rows, floats);
     const float* x_panel = x + p * panel;
     const int64_t* segment = row_ptr + p * n;
     const __m256i last = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(check.width(p) - 1)));
@@ -401,8 +422,9 @@ void spmv_rows_avx512(PanelPlanCheck& check, const float* x, int64_t k, const fl
       _mm512_storeu_ps(out, acc);
     }
   }
+  add_and_clear(total_rows, acc_rows, floats);
   for (int64_t row = row_begin; row < row_end; ++row) {
-    y[row] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc_rows + (row - row_begin) * 16)) +
+    y[row] = _mm512_reduce_add_ps(_mm512_loadu_ps(total_rows + (row - row_begin) * 16)) +
              (bias != nullptr ? bias[row] : 0.0f);
   }
 }
