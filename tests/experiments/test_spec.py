@@ -27,7 +27,9 @@ def test_json_round_trip_and_normalized_options():
 
 def test_run_id_is_the_sha256_of_the_canonical_json():
     spec = RunSpec(**TINY)
-    fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)}
+    # The staging fields, unset here, are left out: the ids of specs made before they existed stay.
+    staging = {"parent", "transform", "transform_options"}
+    fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec) if field.name not in staging}
     text = json.dumps({"version": 1, **fields}, sort_keys=True, separators=(",", ":"))
     assert spec.run_id == hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -56,7 +58,8 @@ def test_equal_values_give_equal_ids():
 @pytest.mark.parametrize("change,error,message", [
     ({"sparsity": 1.0}, ValueError, "sparsity must be a number in"),
     ({"sparsity": float("nan")}, ValueError, "sparsity must be a number in"),
-    ({"steps": 0}, ValueError, "steps must be an int >= 1"),
+    ({"steps": 0}, ValueError, "steps=0 evaluates the starting model"),
+    ({"steps": -1}, ValueError, "steps must be an int >= 0"),
     ({"seed": -1}, ValueError, "seed must be an int >= 0"),
     ({"method": "dense"}, ValueError, "method 'dense' has sparsity 0"),
     ({"data_options": {"trian": 64}}, TypeError, "no option.*'trian'"),

@@ -8,7 +8,7 @@ reproduce`). The layer above `dynasparse.pruning`, below the CLI.
     store = experiments.Store("runs/dpf")            # the run index and the trained models
 """
 
-from . import analysis, data, models, reports
+from . import analysis, data, models, reports, transforms
 from .registry import Experiment, register, reproduce
 from .runner import (InlineExecutor, Outcome, PopulationResult, ProcessExecutor, RayExecutor, Task, execute,
                      run_population)
@@ -18,4 +18,4 @@ from .trainer import Hook, TrainResult, TrainState, evaluate, train
 
 __all__ = ["Experiment", "Hook", "InlineExecutor", "Outcome", "PopulationResult", "ProcessExecutor", "RayExecutor",
            "RunRecord", "RunSpec", "Store", "Task", "TrainResult", "TrainState", "analysis", "data", "evaluate",
-           "execute", "models", "register", "reports", "reproduce", "run_population", "train"]
+           "execute", "models", "register", "reports", "reproduce", "run_population", "train", "transforms"]

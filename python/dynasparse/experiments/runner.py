@@ -1,6 +1,9 @@
 """The population runner: `run_population(specs, directory)` trains every spec not yet
 stored in the experiment directory, over worker processes, and returns the records.
 
+- Staged runs: the ancestors of a spec (`spec.parent`) are runs of the population too; runs
+  go in waves by depth, each given its parent's stored checkpoint; a run whose parent failed
+  fails, naming it.
 - Resumable: a run stored as done (with its checkpoint) is never recomputed; runs that a
   stopped runner left "running", and failed runs, are run again (`retry_failed`).
 - Workers: `ProcessExecutor` (default): `workers` processes (default: the cores this process
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from . import data
 from .spec import RunSpec
-from .store import RunRecord, Store, code_version, host_name
+from .store import RunRecord, Store, code_version, host_name, rebuild
 
 _OWNER = "dynasparse.experiments.run_population"
 HooksFactory = Callable[[RunSpec], Sequence]
@@ -43,12 +46,14 @@ HooksFactory = Callable[[RunSpec], Sequence]
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One run to compute: its spec as JSON, and `hooks(spec) -> [Hook, ...]` (picklable by
-    reference, i.e. a module-level function, to reach worker processes), or None."""
+    """One run to compute: its spec as JSON, `hooks(spec) -> [Hook, ...]` (picklable by
+    reference, i.e. a module-level function, to reach worker processes) or None, and for a
+    staged run the bytes of its parent's checkpoint."""
 
     run_id: str
     spec_json: str
     hooks: HooksFactory | None = None
+    parent_checkpoint: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +86,17 @@ def execute(task: Task, progress: Callable[[int], None] | None = None) -> Outcom
     try:
         spec = RunSpec.from_json(task.spec_json)
         hooks = list(task.hooks(spec)) if task.hooks is not None else []
-        result = train(spec, hooks=hooks, progress=progress)
+        dataset = data.load(spec.data, **spec.data_options)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.dsp.safetensors"
+            parent = None
+            if spec.parent is not None:
+                if task.parent_checkpoint is None:
+                    raise ValueError(f"{_OWNER}: run {task.run_id} starts from run {spec.parent.run_id}, whose "
+                                     "checkpoint the task does not carry")
+                path.write_bytes(task.parent_checkpoint)
+                parent = rebuild(spec.parent, dataset.input_shape, dataset.classes, path)
+            result = train(spec, dataset=dataset, hooks=hooks, progress=progress, parent=parent)
             save(result.model, path)
             checkpoint = path.read_bytes()
         return Outcome(task.run_id, metrics=result.metrics, checkpoint=checkpoint,
@@ -355,6 +368,15 @@ class _Sink:
             self.on_record(self.store.get(outcome.run_id))
 
 
+def _waves(specs: Sequence[RunSpec]) -> list[list[RunSpec]]:
+    """`specs` grouped by their depth in the staging tree: the runs of a wave start from
+    models of earlier waves (or from stored ones) only."""
+    waves: dict[int, list[RunSpec]] = collections.defaultdict(list)
+    for spec in specs:
+        waves[len(spec.lineage())].append(spec)
+    return [waves[depth] for depth in sorted(waves)]
+
+
 @contextlib.contextmanager
 def _directory_lock(directory: Path):
     """One runner per experiment directory: a second one would take the first one's runs for
@@ -393,6 +415,8 @@ def run_population(specs: Iterable[RunSpec], directory: str | os.PathLike, *, wo
         if not isinstance(spec, RunSpec):
             raise TypeError(f"{_OWNER}: specs must be RunSpecs, got {type(spec).__name__}")
     specs = list(dict.fromkeys(specs))  # a spec given twice is one run
+    # Staged runs: every ancestor is a run of the population too, trained before its children.
+    lineage = list(dict.fromkeys(ancestor for spec in specs for ancestor in spec.lineage()))
     if hooks is not None and not callable(hooks):
         raise TypeError(f"{_OWNER}: hooks must be a function spec -> [Hook, ...], got {type(hooks).__name__}")
     if isinstance(executor, str):
@@ -406,10 +430,10 @@ def run_population(specs: Iterable[RunSpec], directory: str | os.PathLike, *, wo
         raise TypeError(f"{_OWNER}: executor must have a run(tasks, sink) method, got {type(executor).__name__}")
     store = Store(directory)
     with _directory_lock(store.directory):
-        store.add(specs)
+        store.add(lineage)
         store.reset_running()
-        records = {record.run_id: record for record in store.records(specs)}
-        todo = [spec for spec in specs
+        records = {record.run_id: record for record in store.records(lineage)}
+        todo = [spec for spec in lineage
                 if not records[spec.run_id].complete and (retry_failed or records[spec.run_id].status != "failed")]
         configurations = {(spec.data, json.dumps(spec.data_options, sort_keys=True)) for spec in todo}
         for name, options in sorted(configurations):
@@ -421,11 +445,22 @@ def run_population(specs: Iterable[RunSpec], directory: str | os.PathLike, *, wo
             version = code_version()
             sink = _Sink(store, steps, bar, on_record, version)
             try:
-                if todo:
-                    executor.run([Task(spec.run_id, spec.to_json(), hooks) for spec in todo], sink)
+                for wave in _waves(todo):
+                    tasks = []
+                    for spec in wave:
+                        parent = None if spec.parent is None else store.get(spec.parent.run_id)
+                        if parent is not None and not parent.complete:
+                            sink.finished(Outcome(spec.run_id, error=(
+                                f"its parent run {parent.run_id} ({spec.parent.label}) is {parent.status}, not "
+                                "trained" + (f": {parent.error.strip().splitlines()[-1]}" if parent.error else ""))))
+                            continue
+                        checkpoint = None if parent is None else parent.checkpoint.read_bytes()
+                        tasks.append(Task(spec.run_id, spec.to_json(), hooks, checkpoint))
+                    if tasks:
+                        executor.run(tasks, sink)
             finally:
                 store.reset_running()
     final = store.records(specs)
-    return PopulationResult(final, computed=len(todo), reused=len(specs) - len(todo),
+    return PopulationResult(final, computed=len(todo), reused=len(lineage) - len(todo),
                             failed=[record for record in final if record.status == "failed"],
                             seconds=time.perf_counter() - began, code_version=version)

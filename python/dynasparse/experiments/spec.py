@@ -25,6 +25,7 @@ SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = {"sgd": (("momentum", "dampening", "weight_decay", "nesterov"), {"momentum": 0.9, "weight_decay": 1e-4}),
               "adamw": (("betas", "eps", "weight_decay", "amsgrad"), {})}
 SPEC_VERSION = 1
+_STAGE_FIELDS = ("parent", "transform", "transform_options")
 
 
 def _json_value(field: str, value: Any) -> Any:
@@ -61,6 +62,13 @@ class RunSpec:
     calibration_batches: training batches given to a method that scores by data (SNIP, OBD)
         before its first mask.
     device, threads: where it runs; CPU threads (torch.set_num_threads) during the run.
+    parent: a staged run: this run starts from the parent run's trained model (masks included)
+        instead of a fresh initialization; the runner trains the parent first. The parent
+        must use the same data set.
+    transform, transform_options: a transform of `experiments.transforms` applied to the
+        starting model before training (re-initialize keeping the masks, prune by saliency,
+        shrink neurons, ...), with its options.
+    steps: 0 evaluates the starting model (a parent's, a transform's) without training.
     eval_every: also evaluate every this many steps (a learning curve; None: at the end only).
     patience: early stopping (off when None): stop when validation accuracy (the data set
         needs a `validation` fraction, and eval_every must be set) has not improved for this
@@ -87,6 +95,9 @@ class RunSpec:
     calibration_batches: int = 1
     eval_every: int | None = None
     patience: int | None = None
+    parent: RunSpec | None = None
+    transform: str | None = None
+    transform_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("data", "model", "method"):
@@ -105,7 +116,7 @@ class RunSpec:
             object.__setattr__(self, name, float(value))
         if self.method == "dense" and self.sparsity != 0.0:
             raise ValueError(f"{_OWNER}: method 'dense' has sparsity 0, got sparsity={self.sparsity}")
-        for name, minimum in (("steps", 1), ("batch_size", 1), ("seed", 0), ("threads", 1),
+        for name, minimum in (("steps", 0), ("batch_size", 1), ("seed", 0), ("threads", 1),
                               ("calibration_batches", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -138,12 +149,48 @@ class RunSpec:
         models.check_options(self.model, self.model_options)
         if not isinstance(self.device, str):
             raise TypeError(f"{_OWNER}: device must be a str such as 'cpu' or 'cuda', got {self.device!r}")
+        self._check_stage()
+
+    def _check_stage(self) -> None:
+        parent = self.parent
+        if isinstance(parent, dict):
+            parent = RunSpec.from_dict(parent)
+            object.__setattr__(self, "parent", parent)
+        if parent is not None:
+            if not isinstance(parent, RunSpec):
+                raise TypeError(f"{_OWNER}: parent must be a RunSpec or None, got {type(parent).__name__}")
+            if (parent.data, parent.data_options) != (self.data, self.data_options):
+                raise ValueError(f"{_OWNER}: a staged run uses its parent's data set; the parent has {parent.data!r} "
+                                 f"with {parent.data_options}, this spec {self.data!r} with {self.data_options}")
+        if not isinstance(self.transform_options, dict) or not all(isinstance(k, str) for k in self.transform_options):
+            raise TypeError(f"{_OWNER}: transform_options must be a dict with str keys, got {self.transform_options!r}")
+        object.__setattr__(self, "transform_options", _json_value("transform_options", self.transform_options))
+        if self.transform is None:
+            if self.transform_options:
+                raise ValueError(f"{_OWNER}: transform_options are given without a transform")
+            if parent is None and self.steps == 0:
+                raise ValueError(f"{_OWNER}: steps=0 evaluates the starting model: give a parent or a transform "
+                                 "(a fresh model, untrained, is not a run)")
+            return
+        if not isinstance(self.transform, str) or not self.transform:
+            raise TypeError(f"{_OWNER}: transform must be None or a transform's name, got {self.transform!r}")
+        from .transforms import get
+
+        get(self.transform)
 
     def __hash__(self) -> int:
         return hash(self.to_json())
 
     def to_dict(self) -> dict:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        """The fields as JSON values (the parent as its own dict). The staging fields are left
+        out while unset, so that the runs of specs made before they existed keep their ids."""
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        for name in _STAGE_FIELDS:
+            if not fields[name]:
+                del fields[name]
+        if self.parent is not None:
+            fields["parent"] = self.parent.to_dict()
+        return fields
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace (what the run id hashes)."""
@@ -181,6 +228,16 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        """A short human-readable name: method, sparsity, seed."""
+        """A short human-readable name: method, sparsity, seed (and the transform and parent)."""
         target = "" if self.method == "dense" else f" {self.sparsity:.0%}"
-        return f"{self.method}{target} seed {self.seed}"
+        stage = f" {self.transform}" if self.transform else ""
+        start = f" from {self.parent.run_id}" if self.parent is not None else ""
+        return f"{self.method}{target}{stage} seed {self.seed}{start}"
+
+    def lineage(self) -> list[RunSpec]:
+        """The ancestors of this run, the first trained first, then this run."""
+        chain, spec = [], self
+        while spec is not None:
+            chain.append(spec)
+            spec = spec.parent
+        return chain[::-1]

@@ -278,14 +278,20 @@ class Store:
         if not record.complete:
             raise ValueError(f"{_OWNER}: run {run_id} is {record.status}"
                              + ("" if record.status != "done" else " but its checkpoint is missing"))
-        spec, metrics = record.spec, record.metrics
-        model = models.build(spec.model, input_shape=metrics["input_shape"], classes=metrics["classes"],
-                             **spec.model_options)
-        state = load(None, record.checkpoint)
-        sparse = {key[:-len(".mask")] for key in state if key.endswith(".mask") and state[key].dtype == torch.bool}
-        if sparse:
-            sparsify(model, 0.0, include=lambda name, module: name in sparse)
-        return load(model, record.checkpoint).to(device)
+        return rebuild(record.spec, record.metrics["input_shape"], record.metrics["classes"], record.checkpoint,
+                       device=device)
+
+
+def rebuild(spec: RunSpec, input_shape, classes: int, checkpoint: str | os.PathLike, *,
+            device: torch.device | str = "cpu") -> nn.Module:
+    """The model of run `spec` from its checkpoint file: built from the spec, the layers the
+    checkpoint holds sparse sparsified, then loaded (every entry checked)."""
+    model = models.build(spec.model, input_shape=input_shape, classes=classes, **spec.model_options)
+    state = load(None, checkpoint)
+    sparse = {key[:-len(".mask")] for key in state if key.endswith(".mask") and state[key].dtype == torch.bool}
+    if sparse:
+        sparsify(model, 0.0, include=lambda name, module: name in sparse)
+    return load(model, checkpoint).to(device)
 
 
 def host_name() -> str:

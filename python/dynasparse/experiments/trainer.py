@@ -4,6 +4,11 @@ The run is a pure function of its spec on the CPU: the model's initialization an
 order come from `spec.seed` (torch's global generator is seeded inside a forked RNG state, so
 the caller's is left as it was), and the thread count is `spec.threads` for the run.
 
+A staged run (`spec.parent`) starts from its parent's trained model, given as `parent=`
+(the runner passes it), through `spec.transform` when set (`experiments.transforms`); else
+from a fresh model. `steps=0` only evaluates that starting model. A pruner's `regularizer()`
+term, when it returns one, is added to the loss before every backward.
+
 The method is built by name through `dynasparse.pruning.create` when `prune_at` of the
 steps are done (at the start by default); the optimizer is built after it (the pruner makes
 the layers sparse) and attached; a method that scores by data (`needs_data`, e.g. SNIP) is
@@ -27,6 +32,7 @@ evaluations every `eval_every` steps).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import math
@@ -38,7 +44,7 @@ from torch import nn
 
 from .. import optim, pruning
 from . import data as data_sets
-from . import models
+from . import models, transforms
 from .analysis import accuracy, layer_sparsity, logits, sparse_layers
 from .spec import RunSpec
 
@@ -121,14 +127,18 @@ def _batches(spec: RunSpec, labels: torch.Tensor) -> Iterator[torch.Tensor]:
             yield permutation[start:start + spec.batch_size]
 
 
-def _calibration_batches(spec: RunSpec, dataset: data_sets.Dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """spec.calibration_batches training batches for the methods that score by data (SNIP,
-    OBD), drawn by their own generator so that the training batch order is the same for
-    every method."""
+def calibration_batches(spec: RunSpec, dataset: data_sets.Dataset, count: int | None = None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` (default spec.calibration_batches) training batches for the methods that
+    score by data (SNIP, OBD) and for transforms, drawn by their own generator so that the
+    training batch order is the same for every method."""
+    count = spec.calibration_batches if count is None else count
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{_OWNER}: the number of calibration batches must be an int >= 1, got {count!r}")
     inputs, labels = dataset.train
     seed = int.from_bytes(hashlib.sha256(f"calibration:{spec.seed}".encode()).digest()[:8], "little")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(labels.device)
-    chunks = order[:spec.calibration_batches * spec.batch_size].split(spec.batch_size)
+    chunks = order[:count * spec.batch_size].split(spec.batch_size)
     return [(inputs[index], labels[index]) for index in chunks]
 
 
@@ -152,7 +162,11 @@ def _pruning_metrics(pruner: pruning.Pruner | None, model: nn.Module) -> dict:
     metrics = {"parameters": weights, "nonzero_parameters": nonzero,
                "layer_sparsity": layer_sparsity({name: layer.mask for name, layer in layers.items()})}
     if pruner is None:
-        return {**metrics, "sparsity": 0.0, "model_sparsity": 0.0, "flip_rates": [], "reactivated": 0.0}
+        # A staged run's model can be sparse without a method of its own (a parent's masks).
+        masked = sum(layer.mask.numel() for layer in layers.values())
+        return {**metrics, "sparsity": (weights - nonzero) / masked if masked else 0.0,
+                "model_sparsity": (weights - nonzero) / weights if weights else 0.0, "flip_rates": [],
+                "reactivated": 0.0}
     report = pruner.report()
     return {**metrics, "sparsity": report.sparsity, "model_sparsity": report.model_sparsity,
             "flip_rates": [[step, rate] for step, rate in report.flip_rates],
@@ -160,11 +174,19 @@ def _pruning_metrics(pruner: pruning.Pruner | None, model: nn.Module) -> dict:
 
 
 def train(spec: RunSpec, *, dataset: data_sets.Dataset | None = None, hooks: Sequence[Hook] = (),
-          progress: Callable[[int], None] | None = None) -> TrainResult:
+          progress: Callable[[int], None] | None = None, parent: nn.Module | None = None) -> TrainResult:
     """Run `spec` (see the module docstring). `dataset`: the spec's data set, when the caller
-    has it loaded (else it is loaded here); `progress(n)` is called after every step with n = 1."""
+    has it loaded (else it is loaded here); `progress(n)` is called after every step with n = 1;
+    `parent`: the trained model of `spec.parent` (e.g. `Store.load_model(spec.parent.run_id)`),
+    required for a staged run and not modified (the run starts from a copy)."""
     if not isinstance(spec, RunSpec):
         raise TypeError(f"{_OWNER}: spec must be a RunSpec, got {type(spec).__name__}")
+    if (spec.parent is None) != (parent is None):
+        raise ValueError(f"{_OWNER}: parent must be given exactly when spec.parent is set (the parent run's trained "
+                         f"model); spec.parent is {'set' if spec.parent is not None else 'None'}, parent is "
+                         f"{'given' if parent is not None else 'None'}")
+    if parent is not None and not isinstance(parent, nn.Module):
+        raise TypeError(f"{_OWNER}: parent must be an nn.Module, got {type(parent).__name__}")
     for hook in hooks:
         if not isinstance(hook, Hook):
             raise TypeError(f"{_OWNER}: hooks must be experiments.Hook instances, got {type(hook).__name__}")
@@ -186,12 +208,16 @@ def train(spec: RunSpec, *, dataset: data_sets.Dataset | None = None, hooks: Seq
     fork_devices = [device] if device.type == "cuda" else []
     with _threads(spec.threads), torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(spec.seed)
-        return _train(spec, dataset, device, list(hooks), progress)
+        model = models.build(spec.model, input_shape=dataset.input_shape, classes=dataset.classes,
+                             **spec.model_options).to(device)
+        if parent is not None:
+            parent = copy.deepcopy(parent).to(device)
+        model = transforms.apply(spec, model, parent, dataset)
+        torch.manual_seed(spec.seed)  # the batch order does not depend on what a transform drew
+        return _train(spec, dataset, device, model, list(hooks), progress)
 
 
-def _train(spec, dataset, device, hooks, progress) -> TrainResult:
-    model = models.build(spec.model, input_shape=dataset.input_shape, classes=dataset.classes,
-                         **spec.model_options).to(device)
+def _train(spec, dataset, device, model, hooks, progress) -> TrainResult:
     prune_step = round(spec.prune_at * spec.steps) if spec.method != DENSE else None
     pruner = _pruner(spec, model, spec.steps) if prune_step == 0 else None
     optimizer = _optimizer(spec, model)
@@ -201,7 +227,7 @@ def _train(spec, dataset, device, hooks, progress) -> TrainResult:
         pruner.on_update(lambda step, masks: [hook.on_update(state) for hook in hooks])
         pruner.attach(optimizer)
         if pruner.needs_data:
-            pruner.calibrate(_calibration_batches(spec, dataset))  # the default loss: cross-entropy
+            pruner.calibrate(calibration_batches(spec, dataset))  # the default loss: cross-entropy
 
     if pruner is not None:
         attach(pruner)
@@ -224,7 +250,8 @@ def _train(spec, dataset, device, hooks, progress) -> TrainResult:
                 group["lr"] = spec.lr * 0.5 * (1.0 + math.cos(math.pi * step / spec.steps))
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(train_x[index]), train_y[index])
-        loss.backward()
+        penalty = pruner.regularizer() if pruner is not None else None
+        (loss if penalty is None else loss + penalty).backward()
         optimizer.step()
         state.step, state.loss = step + 1, loss.item()
         losses.append(state.loss)
@@ -255,7 +282,8 @@ def _train(spec, dataset, device, hooks, progress) -> TrainResult:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start - eval_seconds
     tail = losses[-max(1, len(losses) // 10):]
-    metrics = {**evaluate(model, dataset.test), "train_loss": sum(tail) / len(tail), "steps": state.step,
+    metrics = {**evaluate(model, dataset.test), "train_loss": sum(tail) / len(tail) if tail else None,
+               "steps": state.step,
                "stopped_early": stopped_early, "seconds": seconds, "input_shape": list(dataset.input_shape),
                "classes": dataset.classes, **_pruning_metrics(pruner, model)}
     if dataset.validation is not None:

@@ -434,6 +434,11 @@ class Pruner:
         """The algorithm's own figures for `report().notes`."""
         return {}
 
+    def regularizer(self) -> torch.Tensor | None:
+        """A term the training loop adds to the loss before every backward (sparse variational
+        dropout's `beta * KL`), or None (the default: the loss is the task's own)."""
+        return None
+
     # -- selection -------------------------------------------------------------------------------
 
     def unit_size(self, name: str) -> int:
