@@ -129,6 +129,7 @@ def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, m
     checks.check_sgd(params, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov)
     checks.check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                               packed_panels)
+    checks.check_step_packing_values("sgd_step", params, packed_params, packed_row_ptrs, packed_cols, packed_panels)
     placeholder = torch.ones(1, dtype=torch.uint8, device=params[0].device)
     mask_args = _mask_arguments(masks, feedback, placeholder)
     keep, add = _statistic_coefficients(statistic_ema)
@@ -156,6 +157,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, fee
                        amsgrad)
     checks.check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                               packed_panels)
+    checks.check_step_packing_values("adamw_step", params, packed_params, packed_row_ptrs, packed_cols, packed_panels)
     placeholder = torch.ones(1, dtype=torch.uint8, device=params[0].device)
     mask_args = _mask_arguments(masks, feedback, placeholder)
     keep, add = _statistic_coefficients(statistic_ema)

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "optim.h"
+#include "panels.h"
 
 namespace dynasparse {
 namespace {
@@ -121,6 +122,17 @@ Prepared prepare(at::TensorList params, at::TensorList grads, const OptionalTens
     pointers.panel = packing.panels[j];
   }
   return prepared;
+}
+
+// The packing plans' values, before any param is written: a bad plan fails the step instead of
+// leaving it half done, and pack_rows can read and write through the plans unchecked.
+void check_packing_plans(const char* op, at::TensorList params, const Packing& packing) {
+  for (size_t j = 0; j < packing.params.size(); ++j) {
+    const auto [rows, row_length] = packed_matrix_shape(params[packing.params[j]]);
+    PanelPlanCheck check(op, packing.row_ptrs[j], packing.cols[j], packing.panels[j], rows, row_length);
+    if (!check.rows_ok(0, rows)) check.fail();
+    check.finish();
+  }
 }
 
 // packed[q] = the updated weight at plan nonzero q, for the nonzeros of rows [row_begin, row_end).
@@ -250,8 +262,9 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       check_sgd(params, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
   check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                      packed_panels);
-  const Prepared prepared = prepare(params, grads, masks, feedback, statistics, {momentum_buffers},
-                                    {packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels});
+  const Packing packing{packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels};
+  check_packing_plans("sgd_step", params, packing);
+  const Prepared prepared = prepare(params, grads, masks, feedback, statistics, {momentum_buffers}, packing);
   const bool with_momentum = !momentum_buffers.empty();
   const bool with_statistic = !statistics.empty();
   return run_spans(params, prepared.tensors, [&](const TensorPointers& t, int64_t begin, int64_t end) {
@@ -282,9 +295,10 @@ at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                                            weight_decay, step, amsgrad, maximize);
   check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                      packed_panels);
+  const Packing packing{packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels};
+  check_packing_plans("adamw_step", params, packing);
   const Prepared prepared =
-      prepare(params, grads, masks, feedback, statistics, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-              {packed_params, packed_values, packed_row_ptrs, packed_cols, packed_panels});
+      prepare(params, grads, masks, feedback, statistics, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, packing);
   const bool with_statistic = !statistics.empty();
   return run_spans(params, prepared.tensors, [&](const TensorPointers& t, int64_t begin, int64_t end) {
     return with_grad_type(t.grad_type, [&](auto grad_tag) {

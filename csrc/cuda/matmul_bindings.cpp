@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/matmul.cuh"
+#include "cuda/plan_check.h"
 #include "cuda/torch_interop.h"
 #include "matmul.h"
 
@@ -31,27 +32,8 @@ cuda::BoolMatrix bool_matrix(const at::Tensor& mask) {
   return {mask.data_ptr<bool>(), mask.size(0), mask.size(1), mask.stride(0), mask.stride(1)};
 }
 
-cuda::PanelPlan panel_plan(const at::Tensor& row_ptr, const at::Tensor& cols, int64_t rows, int64_t k,
-                           int64_t panel) {
-  return {row_ptr.data_ptr<int64_t>(), cols.data_ptr<int16_t>(), rows, k, panel};
-}
-
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-}
-
-// The plan's values, checked on the device; a bad plan is copied to the host to throw its
-// first violation with the message of every other backend.
-void check_plan_values(const char* op, const at::Tensor& row_ptr, const at::Tensor& cols, int64_t panel, int64_t rows,
-                       int64_t k) {
-  at::Tensor flag = at::empty({1}, row_ptr.options().dtype(at::kInt));
-  bool invalid = false;
-  check_launch(cuda::check_panel_plan(panel_plan(row_ptr, cols, rows, k, panel), cols.numel(),
-                                      flag.data_ptr<int32_t>(), &invalid, current_stream(row_ptr)),
-               op);
-  if (!invalid) return;
-  check_panel_plan_values(op, row_ptr.cpu(), cols.cpu(), panel, rows, k);
-  TORCH_INTERNAL_ASSERT(false, "dynasparse.", op, ": the plan failed its device check but passed the host one");
 }
 
 // x (..., size) as a contiguous [rows, size] matrix (also when size or the leading dims are 0).

@@ -9,6 +9,7 @@
 
 #include "cuda/matmul.cuh"
 #include "cuda/optim.cuh"
+#include "cuda/plan_check.h"
 #include "cuda/torch_interop.h"
 #include "optim.h"
 
@@ -64,6 +65,15 @@ Launch prepare(at::TensorList params, at::TensorList grads, const OptionalTensor
   return launch;
 }
 
+// Before any param is written: a bad plan must fail the step, not leave it half done.
+void check_packing_plans(const char* op, at::TensorList params, at::IntArrayRef packed_params,
+                         at::TensorList packed_row_ptrs, at::TensorList packed_cols, at::IntArrayRef packed_panels) {
+  for (size_t j = 0; j < packed_params.size(); ++j) {
+    const auto [n, k] = packed_matrix_shape(params[packed_params[j]]);
+    check_plan_values(op, packed_row_ptrs[j], packed_cols[j], packed_panels[j], n, k);
+  }
+}
+
 void pack_after_step(const char* op, at::TensorList params, at::IntArrayRef packed_params,
                      at::TensorList packed_values, at::TensorList packed_row_ptrs, at::TensorList packed_cols,
                      at::IntArrayRef packed_panels, cudaStream_t stream) {
@@ -92,6 +102,7 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                      packed_panels);
   c10::DeviceGuard device_guard(params[0].device());
+  check_packing_plans("sgd_step", params, packed_params, packed_row_ptrs, packed_cols, packed_panels);
   const cudaStream_t stream = current_stream(params[0]);
   Launch launch = prepare(params, grads, masks, feedback, statistics, {momentum_buffers});
   check_launch(cuda::sgd_step(launch.tensors.data(), static_cast<int64_t>(launch.tensors.size()), scalars, rule,
@@ -117,6 +128,7 @@ at::Tensor adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                      packed_panels);
   c10::DeviceGuard device_guard(params[0].device());
+  check_packing_plans("adamw_step", params, packed_params, packed_row_ptrs, packed_cols, packed_panels);
   const cudaStream_t stream = current_stream(params[0]);
   Launch launch = prepare(params, grads, masks, feedback, statistics, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
   check_launch(cuda::adamw_step(launch.tensors.data(), static_cast<int64_t>(launch.tensors.size()), scalars, rule,

@@ -395,6 +395,14 @@ def check_panel_plan_values(op: str, row_ptr: torch.Tensor, cols: torch.Tensor, 
                    f"row_ptr and cols are not a panel plan of an [{n}, {k}] matrix with panel {panel}", describe)
 
 
+def check_step_packing_values(op: str, params, packed_params, packed_row_ptrs, packed_cols, packed_panels) -> None:
+    """The values of an optimizer step's packing plans (their shapes checked by
+    check_step_packing), before the step writes anything: a bad plan fails the step whole."""
+    for j, i in enumerate(packed_params):
+        check_panel_plan_values(op, packed_row_ptrs[j], packed_cols[j], packed_panels[j],
+                                *packed_matrix_shape(params[i]))
+
+
 def check_block_plan_values(op: str, row_ptr: torch.Tensor, cols: torch.Tensor, block: int, n: int, k: int) -> None:
     """A block plan of an [n, k] matrix (shapes already checked): row_ptr as for panel plans;
     inside each block row, ascending block columns below ceil(k / block)."""

@@ -702,3 +702,64 @@ def test_random_plan_corruptions_raise_or_compute_that_plan(family, device):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_random_operand_widths_raise_or_compute_that_plan(family, device):
     _run_worker(family, "widths", 25, device)
+
+
+# --- the optimizer steps' packing plans --------------------------------------------------------
+
+STEP_OPS = ("sgd_step", "adamw_step")
+
+
+def _step(op, param, mask, plan, backend, generator):
+    values, row_ptr, cols = plan
+    grad, packed = torch.randn(param.shape, generator=generator), {0: (values, row_ptr, cols, PANEL)}
+    if op == "sgd_step":
+        return ops.sgd_step([param], [grad], [torch.zeros_like(param)], masks=[mask], lr=0.1, momentum=0.9,
+                            first_step=True, packed=packed, backend=backend)
+    return ops.adamw_step([param], [grad], [torch.zeros_like(param)], [torch.zeros_like(param)], masks=[mask],
+                          lr=0.1, step=1, packed=packed, backend=backend)
+
+
+@pytest.mark.parametrize("op", STEP_OPS)
+@pytest.mark.parametrize("edit", ["row_ptr_past_the_end", "row_ptr_negative", "col_outside_panel", "col_negative"])
+def test_step_packing_plan_values_are_checked_before_any_write(op, edit):
+    """A packing plan the plan ops could not have built fails the step with the matmul ops'
+    message on every backend, and leaves the param as it was (no half-done step)."""
+    generator = torch.Generator().manual_seed(5)
+    n, k = 6, 300
+    mask = torch.rand(n, k, generator=generator) < 0.3
+    row_ptr, cols = ops.plan_panels(mask, PANEL, backend="cpu")
+    row_ptr, cols = row_ptr.clone(), cols.clone()
+    if edit == "row_ptr_past_the_end":
+        row_ptr[2] = cols.numel() + 1000
+    elif edit == "row_ptr_negative":
+        row_ptr[2] = -1
+    elif edit == "col_outside_panel":
+        cols[0] = 30000
+    else:
+        cols[0] = -1
+    messages = {}
+    for backend in backends(op):
+        param = torch.randn(n, k, generator=generator)
+        before = param.clone()
+        values = torch.zeros(cols.numel())
+        with pytest.raises(PLAN_ERRORS) as raised:
+            _step(op, param, mask, (values, row_ptr, cols), backend, generator)
+        assert torch.equal(param, before), f"{op} on {backend} wrote the param before failing"
+        messages[backend] = str(raised.value)
+    assert all(message.startswith(f"dynasparse.{op}: ") for message in messages.values()), messages
+    assert len(set(messages.values())) == 1, f"backends disagree: {messages}"
+
+
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_step_packs_the_updated_values_through_a_valid_plan(op):
+    generator = torch.Generator().manual_seed(6)
+    n, k = 5, 520
+    mask = torch.rand(n, k, generator=generator) < 0.2
+    row_ptr, cols = ops.plan_panels(mask, PANEL, backend="cpu")
+    entries = panel_entries(row_ptr, cols, PANEL, n, k)
+    for backend in backends(op):
+        param = torch.randn(n, k, generator=generator)
+        values = torch.full((cols.numel(),), float("nan"))
+        _step(op, param, mask, (values, row_ptr, cols), backend, generator)
+        expected = torch.tensor([float(param[r, c]) for r, c in entries])
+        assert torch.equal(values, expected), backend

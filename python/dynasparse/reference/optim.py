@@ -51,6 +51,7 @@ def sgd_step(params, grads, momentum_buffers, masks, feedback, statistics, lr, m
     checks.check_sgd(params, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov)
     checks.check_step_packing("sgd_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                               packed_panels)
+    checks.check_step_packing_values("sgd_step", params, packed_params, packed_row_ptrs, packed_cols, packed_panels)
     update_statistics(statistics, grads, statistic, statistic_ema)
     for i, (param, grad, mask) in enumerate(zip(params, grads, masks)):
         direction = grad.float()
@@ -81,6 +82,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, fee
                        amsgrad)
     checks.check_step_packing("adamw_step", params, masks, packed_params, packed_values, packed_row_ptrs, packed_cols,
                               packed_panels)
+    checks.check_step_packing_values("adamw_step", params, packed_params, packed_row_ptrs, packed_cols, packed_panels)
     update_statistics(statistics, grads, statistic, statistic_ema)
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
