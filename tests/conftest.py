@@ -10,6 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The sparse-or-dense cost model measures in memory only: a test run neither reads choices
+# another run stored nor leaves any behind. Layers run their kernels unless a test asks for
+# backend="auto" (tests/nn/test_costs.py): a test of a layer's kernel path must not pass
+# through the dense computation instead; subprocesses inherit both.
+os.environ["DYNASPARSE_COST_CACHE"] = ""
+os.environ["DYNASPARSE_BACKEND"] = "sparse"
+
 import pytest  # noqa: E402
 
 import dynasparse  # noqa: E402

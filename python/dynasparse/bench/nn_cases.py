@@ -4,9 +4,12 @@ The baseline is the dense torch module doing the same work: `nn.Linear` / `nn.Co
 forward (inference, under no_grad), or one training step (zero_grad with torch's default
 set_to_none=True, forward, backward, SGD step with momentum, torch.optim foreach) of the
 layer as a hidden layer: its input requires grad, so the backward computes the input
-gradient as well as the weight gradient. The variant is the sparsified copy of the same module, with
+gradient as well as the weight gradient. The variants are sparsified copies of the same module, with
 dynasparse.optim.SGD driven by the layers' masks, in feedback mode (DPF: dense weight gradient)
-or masked mode (sparse weight gradient, pruned weights and state kept at zero).
+or masked mode (sparse weight gradient, pruned weights and state kept at zero): "dynasparse"
+pinned to the kernels (backend="sparse"), "dynasparse-auto" as layers are built by default
+(backend="auto": the faster of the kernels and dense on w * m for each call shape, measured
+on its first call, which the harness's warm-up includes).
 """
 
 from __future__ import annotations
@@ -26,8 +29,14 @@ CONV_SIZES = ((256, 32, 8, False), (64, 16, 2, True))  # (channels, spatial, bat
 SPARSITY = 0.9
 
 
+VARIANTS = {"dynasparse": "sparse", "dynasparse-auto": "auto"}  # variant -> the layers' backend
+
+
 def _pair(dense: nn.Module, sparse_cls, sparsity: float, grad_mode: str):
-    sparse = nn.Sequential(sparse_cls.from_dense(copy.deepcopy(dense), sparsity=sparsity, grad_mode=grad_mode))
+    """The dense model and, per variant, its sparse copy."""
+    sparse = {variant: nn.Sequential(sparse_cls.from_dense(copy.deepcopy(dense), sparsity=sparsity,
+                                                           grad_mode=grad_mode, backend=backend))
+              for variant, backend in VARIANTS.items()}
     return nn.Sequential(dense), sparse
 
 
@@ -38,13 +47,11 @@ def _inference(dense, sparse, x):
             return model(x)
         return forward
 
-    return run(dense), {"dynasparse": run(sparse)}
+    return run(dense), {variant: run(model) for variant, model in sparse.items()}
 
 
 def _training(dense, sparse, x):
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=1e-4, momentum=0.9, foreach=True)
-    sparse_optimizer = sparse_optim.SGD(sparse.parameters(), lr=1e-4, momentum=0.9, masks=sparse_masks(sparse))
-
     x = x.detach().requires_grad_()
 
     def step(model, optimizer):
@@ -55,7 +62,9 @@ def _training(dense, sparse, x):
             optimizer.step()
         return run
 
-    return step(dense, dense_optimizer), {"dynasparse": step(sparse, sparse_optimizer)}
+    return step(dense, dense_optimizer), {
+        variant: step(model, sparse_optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, masks=sparse_masks(model)))
+        for variant, model in sparse.items()}
 
 
 def linear_workload(device: torch.device, features: int, batch: int, mode: str, sparsity: float):

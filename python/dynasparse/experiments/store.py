@@ -290,7 +290,7 @@ def rebuild(spec: RunSpec, input_shape, classes: int, checkpoint: str | os.PathL
     state = load(None, checkpoint)
     sparse = {key[:-len(".mask")] for key in state if key.endswith(".mask") and state[key].dtype == torch.bool}
     if sparse:
-        sparsify(model, 0.0, include=lambda name, module: name in sparse)
+        sparsify(model, 0.0, include=lambda name, module: name in sparse, backend="sparse")
     return load(model, checkpoint).to(device)
 
 

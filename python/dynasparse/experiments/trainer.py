@@ -1,6 +1,6 @@
 """The trainer: `train(spec) -> TrainResult`, one run of a RunSpec.
 
-The run is a pure function of its spec on the CPU: the model's initialization and the batch
+The run is a pure function of its spec on the CPU (sparse layers pinned to their kernels): the model's initialization and the batch
 order come from `spec.seed` (torch's global generator is seeded inside a forked RNG state, so
 the caller's is left as it was), and the thread count is `spec.threads` for the run.
 
@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import optim, pruning
+from ..nn import backend_default
 from . import data as data_sets
 from . import models, transforms
 from .analysis import accuracy, layer_sparsity, logits, sparse_layers
@@ -206,7 +207,9 @@ def train(spec: RunSpec, *, dataset: data_sets.Dataset | None = None, hooks: Seq
         raise ValueError(f"{_OWNER}: spec.patience (early stopping) needs a validation split: set "
                          "data_options['validation'] to a fraction")
     fork_devices = [device] if device.type == "cuda" else []
-    with _threads(spec.threads), torch.random.fork_rng(devices=fork_devices):
+    # Sparse layers run their kernels: with backend "auto" the result would depend on which way
+    # this machine's timings chose (the same math, rounded differently).
+    with _threads(spec.threads), torch.random.fork_rng(devices=fork_devices), backend_default("sparse"):
         torch.manual_seed(spec.seed)
         model = models.build(spec.model, input_shape=dataset.input_shape, classes=dataset.classes,
                              **spec.model_options).to(device)

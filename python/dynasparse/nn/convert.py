@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .costs import check_backend
 from .modules import (SPARSE_MODULES, SparseConv2d, SparseLinear, SparseTransposedLinear, check_grad_mode,
                       check_sparsity, magnitude_mask, parse_layout)
 
@@ -105,7 +106,8 @@ def _repruned_mask(module: nn.Module, sparsity: float, layout: str, grad_mode: s
 
 
 def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstructured", include: Selector = None,
-             exclude: Selector = None, grad_mode: str = "feedback", strict: bool = False) -> SparsifyReport:
+             exclude: Selector = None, grad_mode: str = "feedback", strict: bool = False,
+             backend: str | None = None) -> SparsifyReport:
     """Replace every matching nn.Linear / nn.Conv2d of `model` (in place, keeping weights,
     devices and dtypes) by SparseLinear / SparseConv2d with a magnitude mask at `sparsity`.
 
@@ -114,11 +116,15 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
     sparsity moves the model there, as one call on the same weights would; their layout and
     grad mode stay, so a call asking for others reports them as skipped. Layout "2:4" keeps
     the 2 largest of every 4 weights, a sparsity of exactly 0.5, so it takes sparsity=0.5.
+    `backend`: of the new layers ("auto", "sparse", "dense"; None: the default backend, see
+    `set_default_backend`); layers already sparse keep theirs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dynasparse.sparsify: model must be an nn.Module, got {type(model).__name__}")
     check_sparsity(sparsity)
     check_grad_mode(grad_mode)
+    if backend is not None:
+        check_backend(backend)
     kind, _ = parse_layout(layout)
     if kind == "2:4" and sparsity != 0.5:
         raise ValueError(f"dynasparse.sparsify: layout '2:4' keeps the 2 largest of every 4 weights, a sparsity of "
@@ -170,7 +176,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
             continue
         sparse_cls = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}.get(kind, kind)
         try:
-            new = sparse_cls.from_dense(module, sparsity=sparsity, layout=layout, grad_mode=grad_mode)
+            new = sparse_cls.from_dense(module, sparsity=sparsity, layout=layout, grad_mode=grad_mode,
+                                        backend=backend)
         except ValueError as error:
             report.skipped[name] = str(error)
             continue

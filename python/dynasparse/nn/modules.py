@@ -10,9 +10,16 @@ grad_mode: "feedback" gives every weight the gradient taken at `w * m` (DPF), "m
 active ones (pruned weights get exactly 0). `weight_grad` ("dense", "nonzeros", "none"; None:
 the grad mode's) overrides the weight gradient alone, step by step (a pruner sets it: RigL's
 dense gradient on its update steps); it is a training setting, not part of the state_dict.
+
+backend: "auto" (the default, see `dynasparse.nn.set_default_backend`) runs each call as the
+faster of the sparse kernels and the dense computation on `w * m`, measured per call shape
+on this machine (costs.py); same values and gradients either way. "sparse" pins the kernels,
+"dense" the dense computation. Not part of the state_dict either.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import ops
 from ..layout import (BLOCK_SIZES, GRAD_MODES, FullArgsFunction, MaskPlan, check_layout, fold_vmap_dim,
                       masked_weight_for, traced_by_functorch, weight_grad_of, write_generation)
+from . import costs
 
 LAYOUT_NAMES = ("unstructured", "2:4") + tuple(f"block{b}" for b in BLOCK_SIZES)
 
@@ -128,10 +136,13 @@ class _SparseMixin:
     """Mask, plan and grad mode shared by the sparse modules; `_weight_2d()` is the [N, K]
     matrix the masked matmul sees."""
 
-    def _init_sparse(self, sparsity: float, layout: str, grad_mode: str) -> None:
+    def _init_sparse(self, sparsity: float, layout: str, grad_mode: str, backend: str | None) -> None:
         check_sparsity(sparsity)
         check_grad_mode(grad_mode)
         self.layout, self.grad_mode = layout, grad_mode
+        self.backend = costs.default_backend() if backend is None else backend
+        self._choices: dict[tuple, str] = {}  # cost key -> "sparse" / "dense", this layer's calls so far
+        self._dense_last = False  # what compiled code runs (see costs.py)
         self.weight_grad = None
         self._layout_kind, self._block = parse_layout(layout)
         self._check_layout_fits()
@@ -155,6 +166,8 @@ class _SparseMixin:
             return
         if name == "weight_grad" and value is not None:
             weight_grad_of(None, value)  # a bad value fails here, not at the next backward
+        if name == "backend":
+            costs.check_backend(value)
         super().__setattr__(name, value)
 
     def _check_layout_fits(self) -> None:
@@ -250,6 +263,7 @@ class _SparseMixin:
         # A view of the buffer: it shares the buffer's version counter.
         self._plan = None if self.mask.is_meta else MaskPlan(self._mask_2d(), self._layout_kind, block=self._block)
         self._plan_stamp = self._mask_stamp()
+        self._density_key = None if self.mask.is_meta else round(self.density, 2)
 
     def _choose_pending_mask(self) -> None:
         sparsity, self._pending_sparsity = self._pending_sparsity, None
@@ -323,13 +337,77 @@ class _SparseMixin:
         return self.weight.is_meta or x.is_meta or (not torch.compiler.is_compiling()
                                                     and traced_by_functorch(self.weight, self.bias))
 
-    def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None,
+                       dense: bool = False) -> torch.Tensor:
         x, weight_2d, bias = self._autocast(x, weight_2d, bias)
-        if self._reference_product(x):
+        if dense or self._reference_product(x):
             return F.linear(x, masked_weight_for(weight_2d, self._mask_2d(), self.grad_mode, self.weight_grad), bias)
         plan = self.plan()
         return plan.linear(x, weight_2d, self._guarded_bias(plan, bias, x), self.grad_mode,
                            weight_grad=self.weight_grad)
+
+    # -- sparse or dense (costs.py) -------------------------------------------------------------
+
+    def _runs_dense(self, x: torch.Tensor, run: Callable[[torch.Tensor, bool], torch.Tensor]) -> bool:
+        """Whether this call runs dense on w * m: the pinned backend, or with "auto" the faster
+        way for this call's key, measured by `run(probe, dense)` on the first call with it."""
+        backend = self.backend
+        if backend != "auto":
+            return backend == "dense"
+        if torch.compiler.is_compiling():
+            return self._dense_last
+        if self._reference_product(x):
+            return False
+        self.plan()  # a changed mask is noticed before its density keys the choice
+        training = torch.is_grad_enabled() and (x.requires_grad or any(
+            p is not None and p.requires_grad for p in (self.weight, self.bias)))
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        key = (type(self).__name__, self._geometry_key(), self._call_key(x), self.layout, self.grad_mode,
+               self.weight_grad, self._density_key, str(dtype).removeprefix("torch."), device,
+               torch.get_num_threads(), "training" if training else "inference")
+        choice = self._choices.get(key)
+        if choice is None:
+            name = "|".join(map(str, key))
+            choice = costs.COSTS.choice(name) or self._measure(name, x, run, training)
+            self._choices[key] = choice
+        self._dense_last = choice == "dense"
+        return self._dense_last
+
+    def _measure(self, name: str, x: torch.Tensor, run, training: bool) -> str:
+        probe = x.detach().requires_grad_(x.requires_grad)
+        params = [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
+        inputs = ([probe] if probe.requires_grad else []) + params
+
+        def way(dense: bool) -> Callable[[], None]:
+            def call() -> None:
+                out = run(probe, dense)
+                if training:
+                    # Gradients returned, not accumulated: the layer's .grad stays as it was.
+                    torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+            return call
+
+        with torch.enable_grad() if training else torch.no_grad():
+            sparse_s, dense_s = costs.time_both(way(False), way(True), x.device)
+        return costs.COSTS.record(name, sparse_s, dense_s)
+
+    def _geometry_key(self) -> tuple:
+        return tuple(self._weight_2d().shape)
+
+    def _call_key(self, x: torch.Tensor):
+        return costs.rows_bucket(x.numel() // max(x.shape[-1], 1))
+
+    def backend_report(self) -> list[dict]:
+        """Each call key this layer has seen, with the measured seconds of both ways and the
+        way it runs (pinned layers: the backend, unmeasured)."""
+        if self.backend != "auto":
+            return [{"backend": self.backend, "choice": self.backend}]
+        rows = []
+        for key, choice in self._choices.items():
+            entry = costs.COSTS.entry("|".join(map(str, key))) or {}
+            rows.append({"key": key, "choice": choice, "sparse_s": entry.get("sparse_s"),
+                         "dense_s": entry.get("dense_s")})
+        return rows
 
     def _check_features(self, x: torch.Tensor) -> None:
         in_features = self._weight_2d().shape[1]
@@ -339,7 +417,11 @@ class _SparseMixin:
 
     def _sparse_repr(self) -> str:
         override = "" if self.weight_grad is None else f", weight_grad={self.weight_grad}"
-        return f"layout={self.layout}, sparsity={self.sparsity:.3f}, grad_mode={self.grad_mode}{override}"
+        backend = f", backend={self.backend}"
+        if self.backend == "auto" and self._choices:
+            dense = sum(choice == "dense" for choice in self._choices.values())
+            backend += f" (dense at {dense} of {len(self._choices)} call shapes)"
+        return f"layout={self.layout}, sparsity={self.sparsity:.3f}, grad_mode={self.grad_mode}{override}{backend}"
 
 
 def _masked_mode_state_dict(module, state_dict, prefix, local_metadata):
@@ -374,28 +456,35 @@ _mask_guard.register_autograd(lambda ctx, grad: (None, None, None))
 
 class SparseLinear(_SparseMixin, nn.Linear):
     """nn.Linear with a mask: same arguments, plus keyword-only `sparsity` (initial mask: the
-    largest |w|), `layout` ("unstructured", "2:4", "block16", "block32", "block64") and
-    `grad_mode` ("feedback" or "masked")."""
+    largest |w|), `layout` ("unstructured", "2:4", "block16", "block32", "block64"),
+    `grad_mode` ("feedback" or "masked") and `backend` ("auto", "sparse", "dense"; None: the
+    default backend)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 sparsity: float = 0.0, layout: str = "unstructured", grad_mode: str = "feedback"):
+                 sparsity: float = 0.0, layout: str = "unstructured", grad_mode: str = "feedback",
+                 backend: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_sparse(sparsity, layout, grad_mode)
+        self._init_sparse(sparsity, layout, grad_mode, backend)
 
     def _weight_2d(self) -> torch.Tensor:
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_features(x)
-        return self._sparse_linear(x, self.weight, self.bias)
+        return self._linear(x, self._runs_dense(x, self._linear))
+
+    def _linear(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        return self._sparse_linear(x, self.weight, self.bias, dense)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, sparsity: float = 0.0, layout: str = "unstructured",
-                   grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseLinear:
+                   grad_mode: str = "feedback", mask: torch.Tensor | None = None,
+                   backend: str | None = None) -> SparseLinear:
         """A SparseLinear sharing nothing with `module` but its values (same device, dtype)."""
         _check_source(cls, module, nn.Linear)
         sparse = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
-                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
+                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode,
+                     backend=backend)
         return sparse._adopt(module, sparsity, mask)
 
     def to_dense(self) -> nn.Linear:
@@ -408,8 +497,8 @@ class SparseLinear(_SparseMixin, nn.Linear):
 
 
 class SparseConv2d(_SparseMixin, nn.Conv2d):
-    """nn.Conv2d with a mask: same arguments, plus keyword-only `sparsity`, `layout` and
-    `grad_mode` as SparseLinear. The convolution is lowered to the masked matmul over the
+    """nn.Conv2d with a mask: same arguments, plus keyword-only `sparsity`, `layout`,
+    `grad_mode` and `backend` as SparseLinear. The convolution is lowered to the masked matmul over the
     weight viewed as [out_channels, in_channels * kh * kw]: 1x1 convolutions directly on the
     channels; k x k ones, on CPU with the panel plan (unstructured and 2:4 layouts), by the
     implicit-GEMM op `conv2d_panels` (im2col tiles built in cache, NCHW output written
@@ -419,10 +508,11 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 sparsity: float = 0.0, layout: str = "unstructured", grad_mode: str = "feedback"):
+                 sparsity: float = 0.0, layout: str = "unstructured", grad_mode: str = "feedback",
+                 backend: str | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
                          groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
-        self._init_sparse(sparsity, layout, grad_mode)
+        self._init_sparse(sparsity, layout, grad_mode, backend)
 
     def _weight_2d(self) -> torch.Tensor:
         return self.weight.reshape(self.out_channels, -1)
@@ -441,7 +531,12 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         if x.shape[-3] != self.in_channels:
             raise RuntimeError(f"dynasparse.SparseConv2d: expected input of shape {list(x.shape)} to have "
                                f"{self.in_channels} channels (in_channels), got {x.shape[-3]}")
-        if self.groups != 1 or self._reference_product(x):
+        # Grouped convolutions have no kernel: dense on w * m, unmeasured.
+        dense = self.groups != 1 or self._reference_product(x) or self._runs_dense(x, self._convolution)
+        return self._convolution(x, dense)
+
+    def _convolution(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        if dense:
             return self._conv_forward(x, masked_weight_for(self.weight, self.mask, self.grad_mode, self.weight_grad),
                                       self.bias)
         batched = x.dim() == 4
@@ -472,6 +567,13 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         y = y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
         return y if batched else y.squeeze(0)
 
+    def _geometry_key(self) -> tuple:
+        return (tuple(self.weight.shape), tuple(self.stride), str(self.padding), tuple(self.dilation), self.groups,
+                self.padding_mode)
+
+    def _call_key(self, x: torch.Tensor):
+        return (costs.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-2:])
+
     def _implicit_gemm(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
         x, weight_2d, bias = self._autocast(x, self._weight_2d(), self.bias)
         plan = self.plan()
@@ -492,12 +594,14 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, *, sparsity: float = 0.0, layout: str = "unstructured",
-                   grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseConv2d:
+                   grad_mode: str = "feedback", mask: torch.Tensor | None = None,
+                   backend: str | None = None) -> SparseConv2d:
         _check_source(cls, module, nn.Conv2d)
         sparse = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                      padding=module.padding, dilation=module.dilation, groups=module.groups,
                      bias=module.bias is not None, padding_mode=module.padding_mode, device=module.weight.device,
-                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
+                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode,
+                     backend=backend)
         return sparse._adopt(module, sparsity, mask)
 
     def to_dense(self) -> nn.Conv2d:
@@ -588,13 +692,14 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
     on the transposed views."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 sparsity: float = 0.0, layout: str = "unstructured", grad_mode: str = "feedback"):
+                 sparsity: float = 0.0, layout: str = "unstructured", grad_mode: str = "feedback",
+                 backend: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
-        self._init_sparse(sparsity, layout, grad_mode)
+        self._init_sparse(sparsity, layout, grad_mode, backend)
 
     def _weight_2d(self) -> torch.Tensor:
         return self.weight.T
@@ -611,11 +716,15 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_features(x)
-        return self._sparse_linear(x, self.weight.T, self.bias)
+        return self._linear(x, self._runs_dense(x, self._linear))
+
+    def _linear(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        return self._sparse_linear(x, self.weight.T, self.bias, dense)
 
     @classmethod
     def from_dense(cls, module: nn.Module, *, sparsity: float = 0.0, layout: str = "unstructured",
-                   grad_mode: str = "feedback", mask: torch.Tensor | None = None) -> SparseTransposedLinear:
+                   grad_mode: str = "feedback", mask: torch.Tensor | None = None,
+                   backend: str | None = None) -> SparseTransposedLinear:
         """From any module with weight [in, out] and bias [out] computing x @ weight + bias."""
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -623,7 +732,8 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
                             f"(as transformers' Conv1D), got {type(module).__name__}")
         in_features, out_features = weight.shape
         sparse = cls(in_features, out_features, getattr(module, "bias", None) is not None,
-                     device=module.weight.device, dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode)
+                     device=module.weight.device, dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode,
+                     backend=backend)
         return sparse._adopt(module, sparsity, mask)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,224 @@
+"""backend="auto": each call runs as the faster of the kernels and dense on w * m, measured per
+call key and kept; the same values and gradients either way; pinned backends; the cost file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dynasparse import nn as dsnn
+from dynasparse.layout import MaskPlan
+from dynasparse.nn import SparseConv2d, SparseLinear, SparseTransposedLinear, costs
+
+
+@pytest.fixture
+def cost_model(tmp_path, monkeypatch):
+    """A fresh cost model on its own file; `timings` = (sparse_s, dense_s) the timer reports."""
+    model = costs.use_cost_file(tmp_path / "costs.json")
+    state = {"timings": (1.0, 2.0), "measured": 0}
+
+    def fake_time_both(sparse, dense, device):
+        sparse(), dense()  # both ways still run: a failing way must fail here too
+        state["measured"] += 1
+        return state["timings"]
+
+    monkeypatch.setattr(costs, "time_both", fake_time_both)
+    yield model, state
+    costs.use_cost_file(None)
+
+
+def _count_kernel_calls(monkeypatch):
+    calls = {"kernel": 0}
+    real = MaskPlan.linear
+
+    def counted(self, *args, **kwargs):
+        calls["kernel"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskPlan, "linear", counted)
+    return calls
+
+
+def _layers():
+    torch.manual_seed(0)
+    return [SparseLinear(37, 19, sparsity=0.7), SparseTransposedLinear(37, 19, sparsity=0.7),
+            SparseConv2d(5, 7, 3, padding=1, sparsity=0.7)]
+
+
+def _input(layer, batch=3):
+    return torch.randn(batch, 5, 9, 9) if isinstance(layer, SparseConv2d) else torch.randn(batch, 37)
+
+
+def _reference(layer, x):
+    """float64 output and gradients (input, weight, bias) of the layer's math at w * m, with the
+    feedback rule: the weight gradient is the dense one, taken at w * m."""
+    weight = (layer.weight.detach().double() * layer.mask).requires_grad_()
+    bias = layer.bias.detach().double().requires_grad_()
+    x = x.detach().double().requires_grad_()
+    if isinstance(layer, SparseConv2d):
+        out = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+    elif isinstance(layer, SparseTransposedLinear):
+        out = x @ weight + bias
+    else:
+        out = torch.nn.functional.linear(x, weight, bias)
+    out.square().sum().backward()
+    return out.detach(), x.grad, weight.grad, bias.grad
+
+
+@pytest.mark.parametrize("index", range(3), ids=["linear", "transposed", "conv"])
+@pytest.mark.parametrize("timings", [(1.0, 2.0), (2.0, 1.0)], ids=["sparse-wins", "dense-wins"])
+def test_auto_gives_the_layers_values_and_gradients_whichever_way_runs(cost_model, monkeypatch, index, timings):
+    _, state = cost_model
+    state["timings"] = timings
+    layer = _layers()[index]
+    layer.backend = "auto"
+    x = _input(layer).requires_grad_()
+    expected = _reference(layer, x)
+    out = layer(x)
+    out.square().sum().backward()
+    got = (out, x.grad, layer.weight.grad, layer.bias.grad)
+    for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+    assert state["measured"] == 1
+    [row] = layer.backend_report()
+    assert row["choice"] == ("sparse" if timings[0] < timings[1] else "dense")
+    assert row["sparse_s"] == timings[0] and row["dense_s"] == timings[1]
+
+
+@pytest.mark.parametrize("timings,kernel_runs", [((1.0, 2.0), True), ((2.0, 1.0), False)])
+def test_the_measured_choice_decides_the_path_and_is_kept(cost_model, monkeypatch, timings, kernel_runs):
+    _, state = cost_model
+    state["timings"] = timings
+    layer = SparseLinear(40, 24, sparsity=0.8, backend="auto")
+    with torch.no_grad():
+        layer(torch.randn(5, 40))  # measures
+        calls = _count_kernel_calls(monkeypatch)
+        for _ in range(3):
+            layer(torch.randn(6, 40))  # the same rows bucket (8)
+    assert state["measured"] == 1
+    assert (calls["kernel"] == 3) == kernel_runs and (calls["kernel"] == 0) != kernel_runs
+    assert f"dense at {0 if kernel_runs else 1} of 1 call shapes" in repr(layer)
+
+
+def test_each_call_key_is_measured_once(cost_model):
+    _, state = cost_model
+    layer = SparseLinear(16, 8, sparsity=0.5, backend="auto")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x), layer(x), layer(torch.randn(4, 16))  # bucket 4 twice
+        layer(torch.randn(5, 16))  # bucket 8
+        layer(x.double().float())
+    assert state["measured"] == 2
+    layer(x.requires_grad_())  # training: another key
+    assert state["measured"] == 3
+    layer.set_mask(torch.ones_like(layer.mask))  # another density
+    with torch.no_grad():
+        layer(torch.randn(3, 16))
+    assert state["measured"] == 4
+    keys = [row["key"] for row in layer.backend_report()]
+    assert len(set(keys)) == 4 and {key[-1] for key in keys} == {"inference", "training"}
+
+
+def test_measuring_leaves_the_gradients_alone(cost_model):
+    layer = SparseLinear(12, 6, sparsity=0.5, backend="auto")
+    x = torch.randn(4, 12, requires_grad=True)
+    out = layer(x)
+    assert layer.weight.grad is None and x.grad is None, "the measurement accumulated gradients"
+    out.sum().backward()
+    pinned = SparseLinear(12, 6, backend="sparse")
+    pinned.load_state_dict(layer.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    pinned(x2).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, pinned.weight.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_choices_persist_per_machine_in_the_file(cost_model, tmp_path):
+    _, state = cost_model
+    layer = SparseLinear(16, 8, sparsity=0.5, backend="auto")
+    with torch.no_grad():
+        layer(torch.randn(2, 16))
+    content = json.loads((tmp_path / "costs.json").read_text())
+    assert content["format"] == costs.FORMAT
+    [entries] = content["machines"].values()
+    assert list(content["machines"]) == [costs.machine()]
+    [(name, entry)] = entries.items()
+    assert name.startswith("SparseLinear|(8, 16)|2|unstructured|feedback|None|0.5|float32|cpu|")
+    assert entry == {"sparse_s": 1.0, "dense_s": 2.0, "choice": "sparse"}
+    # Another process (a fresh model on the same file) reuses it without measuring.
+    costs.use_cost_file(tmp_path / "costs.json")
+    again = SparseLinear(16, 8, sparsity=0.5, backend="auto")
+    with torch.no_grad():
+        again(torch.randn(2, 16))
+    assert state["measured"] == 1
+    costs.COSTS.clear()
+    assert costs.COSTS.entries() == {}
+    assert json.loads((tmp_path / "costs.json").read_text())["machines"] == {}
+
+
+def test_an_unusable_cost_file_warns_and_measures_in_memory(cost_model, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    costs.use_cost_file(bad)
+    layer = SparseLinear(8, 4, sparsity=0.5, backend="auto")
+    with pytest.warns(RuntimeWarning, match="cannot be used"), torch.no_grad():
+        layer(torch.randn(2, 8))
+    assert bad.read_text() == "{not json", "a file it cannot read is left as it was"
+    assert len(costs.COSTS.entries()) == 1
+
+
+def test_pinned_backends_never_measure(cost_model, monkeypatch):
+    _, state = cost_model
+    sparse, dense = SparseLinear(20, 10, sparsity=0.6, backend="sparse"), SparseLinear(20, 10, backend="dense")
+    dense.load_state_dict(sparse.state_dict())
+    calls = _count_kernel_calls(monkeypatch)
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(sparse(x), dense(x))
+    assert calls["kernel"] == 1 and state["measured"] == 0
+    assert sparse.backend_report() == [{"backend": "sparse", "choice": "sparse"}]
+    assert "backend=dense" in repr(dense)
+
+
+def test_bad_backends_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'sparse', 'dense', got 'fast'"):
+        SparseLinear(4, 4, backend="fast")
+    layer = SparseLinear(4, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer.backend = "gpu"
+    assert layer.backend == "sparse"  # the tests' default (conftest)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dsnn.set_default_backend("dense ")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dsnn.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, backend="x")
+    code = "import dynasparse"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**__import__("os").environ, "DYNASPARSE_BACKEND": "fastest"})
+    assert result.returncode != 0 and "DYNASPARSE_BACKEND must be one of auto, sparse, dense" in result.stderr
+
+
+def test_defaults_and_sparsify_set_the_backend():
+    with dsnn.backend_default("auto"):
+        assert SparseLinear(4, 4).backend == "auto"
+        model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(3, 3, 1))
+        dsnn.sparsify(model, 0.5, backend="dense")
+        assert [module.backend for module in model] == ["dense", "dense"]
+        model = nn.Sequential(nn.Linear(8, 8))
+        dsnn.sparsify(model, 0.5)
+        assert model[0].backend == "auto"
+        assert SparseLinear.from_dense(nn.Linear(4, 4), backend="dense").backend == "dense"
+    assert dsnn.default_backend() == "sparse"
+
+
+def test_compiled_layers_run_their_last_eager_choice(cost_model, monkeypatch):
+    _, state = cost_model
+    state["timings"] = (2.0, 1.0)
+    layer = SparseLinear(32, 16, sparsity=0.75, backend="auto")
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager)
+    assert state["measured"] == 1 and layer._dense_last
