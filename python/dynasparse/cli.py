@@ -120,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                         "[--out DIR] [--workers N] (dynasparse reproduce --help)", add_help=False)
     commands.add_parser("runs", help="what an experiment directory holds and what is missing (dynasparse runs DIR)",
                         add_help=False)
+    commands.add_parser("advise", help="time each convertible layer of a model sparse against dense on this machine "
+                        "(dynasparse advise BertConfig | module:factory; dynasparse advise --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "advise":
+        from dynasparse.advise import main as advise_main
+
+        return advise_main(rest)
     if args.command == "reproduce":
         return _reproduce(rest)
     if args.command == "runs":
