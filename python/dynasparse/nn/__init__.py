@@ -1,10 +1,12 @@
-"""Drop-in sparse layers and whole-model conversion (see modules.py, convert.py, io.py; costs.py: sparse or dense per call)."""
+"""Drop-in sparse layers and whole-model conversion (modules.py, convert.py, io.py), sparse or
+dense per call (costs.py), and physical shrinking of pruned neurons (shrink.py)."""
 
 from .convert import SparsifyReport, densify, sparse_masks, sparsify
 from .costs import backend_default, default_backend, set_default_backend
 from .io import load, save
 from .modules import LAYOUT_NAMES, SparseConv2d, SparseLinear, SparseTransposedLinear
+from .shrink import NotShrinkable, ShrinkReport, shrink, shrink_report
 
-__all__ = ["LAYOUT_NAMES", "SparseConv2d", "SparseLinear", "SparseTransposedLinear", "SparsifyReport",
-           "backend_default", "default_backend", "densify", "load", "save", "set_default_backend", "sparse_masks",
-           "sparsify"]
+__all__ = ["LAYOUT_NAMES", "NotShrinkable", "ShrinkReport", "SparseConv2d", "SparseLinear", "SparseTransposedLinear",
+           "SparsifyReport", "backend_default", "default_backend", "densify", "load", "save", "set_default_backend",
+           "shrink", "shrink_report", "sparse_masks", "sparsify"]
