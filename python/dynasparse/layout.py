@@ -87,7 +87,7 @@ def write_generation(tensor: torch.Tensor) -> int:
     return tensor._base.__dict__.get("_dynasparse_generation", 0)
 
 
-class _WeightStamp:
+class WeightStamp:
     """What the cached packed values were packed from: the weight's root tensor (held weakly, so
     a temporary that died, such as an autocast copy or a reshape copy, never matches a new one
     that reuses its memory), the view into it, and its write counts."""
@@ -208,7 +208,7 @@ class MaskPlan:
         if self._values_key is None or not self._values_key.matches(weight):
             with torch.no_grad():
                 self._values = self._pack(weight.detach())
-            self._values_key = _WeightStamp(weight)
+            self._values_key = WeightStamp(weight)
         return self._values
 
     def packed_target(self, weight: torch.Tensor) -> tuple | None:
@@ -226,7 +226,7 @@ class MaskPlan:
 
     def packed_written(self, weight: torch.Tensor) -> None:
         """The step that `packed_target(weight)` was given to has written w's packed values."""
-        self._values_key = _WeightStamp(weight)
+        self._values_key = WeightStamp(weight)
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         if self.kernel == "panels":

@@ -222,3 +222,45 @@ def test_compiled_layers_run_their_last_eager_choice(cost_model, monkeypatch):
         compiled = torch.compile(layer, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager)
     assert state["measured"] == 1 and layer._dense_last
+
+
+@pytest.mark.parametrize("make", [lambda: SparseLinear(24, 12, sparsity=0.5, backend="dense"),
+                                  lambda: SparseTransposedLinear(24, 12, sparsity=0.5, backend="dense"),
+                                  lambda: SparseConv2d(3, 4, 3, sparsity=0.5, backend="dense")],
+                         ids=["linear", "transposed", "conv"])
+def test_the_dense_ways_kept_weight_follows_every_write(make):
+    """Inference calls of the dense way reuse w * m until the weight or the mask changes, by any
+    path: in place, through .data, a new mask in place or by set_mask."""
+    torch.manual_seed(1)
+    layer = make()
+    x = torch.randn(2, 3, 6, 6) if isinstance(layer, SparseConv2d) else torch.randn(2, 24)
+
+    def expected():
+        with torch.no_grad():
+            weight = layer.weight.double() * layer.mask
+            if isinstance(layer, SparseConv2d):
+                out = torch.nn.functional.conv2d(x.double(), weight, layer.bias.double())
+            elif isinstance(layer, SparseTransposedLinear):
+                out = x.double() @ weight + layer.bias.double()
+            else:
+                out = torch.nn.functional.linear(x.double(), weight, layer.bias.double())
+            return out.float()
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected())
+
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    check()
+    layer.weight.data.add_(1)
+    check()
+    with torch.no_grad():
+        layer.mask.logical_not_()
+    check()
+    layer.set_mask(torch.ones_like(layer.mask))
+    check()
+    out = layer(x)  # with grad: the differentiable w * m, not the kept one
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

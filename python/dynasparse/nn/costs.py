@@ -217,6 +217,11 @@ def use_cost_file(path: str | os.PathLike | None) -> CostModel:
     return COSTS
 
 
+def key_name(key: tuple) -> str:
+    """A call key as the cost file names it: its parts joined by '|', dtypes without 'torch.'."""
+    return "|".join(str(part).removeprefix("torch.") if isinstance(part, torch.dtype) else str(part) for part in key)
+
+
 def rows_bucket(rows: int) -> int:
     """The power of two at or above `rows` (0 stays 0): calls of similar sizes share a choice."""
     return 0 if rows <= 0 else 1 << (rows - 1).bit_length()

@@ -27,8 +27,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
-from ..layout import (BLOCK_SIZES, GRAD_MODES, FullArgsFunction, MaskPlan, check_layout, fold_vmap_dim,
-                      masked_weight_for, traced_by_functorch, weight_grad_of, write_generation)
+from ..layout import (BLOCK_SIZES, GRAD_MODES, FullArgsFunction, MaskPlan, WeightStamp, check_layout,
+                      fold_vmap_dim, masked_weight_for, traced_by_functorch, weight_grad_of, write_generation)
 from . import costs
 
 LAYOUT_NAMES = ("unstructured", "2:4") + tuple(f"block{b}" for b in BLOCK_SIZES)
@@ -143,6 +143,7 @@ class _SparseMixin:
         self.backend = costs.default_backend() if backend is None else backend
         self._choices: dict[tuple, str] = {}  # cost key -> "sparse" / "dense", this layer's calls so far
         self._dense_last = False  # what compiled code runs (see costs.py)
+        self._dense_cache = None  # (weight stamp, mask stamp, w * m) of the dense way's inference calls
         self.weight_grad = None
         self._layout_kind, self._block = parse_layout(layout)
         self._check_layout_fits()
@@ -340,8 +341,10 @@ class _SparseMixin:
     def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None,
                        dense: bool = False) -> torch.Tensor:
         x, weight_2d, bias = self._autocast(x, weight_2d, bias)
-        if dense or self._reference_product(x):
+        if self._reference_product(x):
             return F.linear(x, masked_weight_for(weight_2d, self._mask_2d(), self.grad_mode, self.weight_grad), bias)
+        if dense:
+            return F.linear(x, self._dense_weight(weight_2d, self._mask_2d()), bias)
         plan = self.plan()
         return plan.linear(x, weight_2d, self._guarded_bias(plan, bias, x), self.grad_mode,
                            weight_grad=self.weight_grad)
@@ -359,16 +362,17 @@ class _SparseMixin:
         if self._reference_product(x):
             return False
         self.plan()  # a changed mask is noticed before its density keys the choice
-        training = torch.is_grad_enabled() and (x.requires_grad or any(
-            p is not None and p.requires_grad for p in (self.weight, self.bias)))
+        bias = self.bias
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                or (bias is not None and bias.requires_grad))
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         key = (type(self).__name__, self._geometry_key(), self._call_key(x), self.layout, self.grad_mode,
-               self.weight_grad, self._density_key, str(dtype).removeprefix("torch."), device,
-               torch.get_num_threads(), "training" if training else "inference")
+               self.weight_grad, self._density_key, dtype, device, torch.get_num_threads(),
+               "training" if training else "inference")
         choice = self._choices.get(key)
         if choice is None:
-            name = "|".join(map(str, key))
+            name = costs.key_name(key)
             choice = costs.COSTS.choice(name) or self._measure(name, x, run, training)
             self._choices[key] = choice
         self._dense_last = choice == "dense"
@@ -391,6 +395,19 @@ class _SparseMixin:
             sparse_s, dense_s = costs.time_both(way(False), way(True), x.device)
         return costs.COSTS.record(name, sparse_s, dense_s)
 
+    def _dense_weight(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """w * m for the dense way: differentiable as the grad mode says while a gradient is
+        wanted; else kept until the weight or the mask changes (inference calls then cost what
+        the dense layer's do)."""
+        if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+            return masked_weight_for(weight, mask, self.grad_mode, self.weight_grad)
+        self.plan()  # its stamp is the mask's, refreshed by any change of the buffer
+        cached = self._dense_cache
+        if cached is None or cached[1] != self._plan_stamp or not cached[0].matches(weight):
+            with torch.no_grad():
+                cached = self._dense_cache = (WeightStamp(weight), self._plan_stamp, torch.where(mask, weight, 0))
+        return cached[2]
+
     def _geometry_key(self) -> tuple:
         return tuple(self._weight_2d().shape)
 
@@ -404,7 +421,7 @@ class _SparseMixin:
             return [{"backend": self.backend, "choice": self.backend}]
         rows = []
         for key, choice in self._choices.items():
-            entry = costs.COSTS.entry("|".join(map(str, key))) or {}
+            entry = costs.COSTS.entry(costs.key_name(key)) or {}
             rows.append({"key": key, "choice": choice, "sparse_s": entry.get("sparse_s"),
                          "dense_s": entry.get("dense_s")})
         return rows
@@ -537,8 +554,11 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 
     def _convolution(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
         if dense:
-            return self._conv_forward(x, masked_weight_for(self.weight, self.mask, self.grad_mode, self.weight_grad),
-                                      self.bias)
+            if self._reference_product(x):
+                weight = masked_weight_for(self.weight, self.mask, self.grad_mode, self.weight_grad)
+            else:
+                weight = self._dense_weight(self.weight, self.mask)
+            return self._conv_forward(x, weight, self.bias)
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)
