@@ -15,10 +15,10 @@ from .dispatch import backends, format_backends, usable_backends  # noqa: E402
 from .layout import MaskPlan  # noqa: E402
 from . import nn, optim, pruning  # noqa: E402  (the layers above ops, reachable as attributes)
 from .nn import densify, load, save, sparsify  # noqa: E402
-from .nn.modules import SparseConv2d, SparseLinear, SparseTransposedLinear  # noqa: E402
+from .nn.modules import SparseConv1d, SparseConv2d, SparseLinear, SparseTransposedLinear  # noqa: E402
 from .advise import advise  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["MaskPlan", "SparseConv2d", "SparseLinear", "SparseTransposedLinear", "advise", "backends", "densify",
-           "format_backends", "load", "nn", "ops", "optim", "pruning", "save", "sparsify", "usable_backends",
+__all__ = ["MaskPlan", "SparseConv1d", "SparseConv2d", "SparseLinear", "SparseTransposedLinear", "advise", "backends",
+           "densify", "format_backends", "load", "nn", "ops", "optim", "pruning", "save", "sparsify", "usable_backends",
            "__version__"]

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn import SparseConv2d, sparsify
+from .nn import SparseLinear, SparseTransposedLinear, sparsify
 from .nn.costs import time_both
 from .nn.modules import LAYOUT_NAMES, check_sparsity
 
@@ -319,8 +319,9 @@ def advise(model: nn.Module, example_inputs, *, sparsity: float | Sequence[float
                         continue  # not reached by this forward
                     dense_layer, sparse_layer = model.get_submodule(name), sparse_model.get_submodule(name)
                     x = calls[0]
-                    geometry = ((tuple(dense_layer.stride), str(dense_layer.padding), tuple(dense_layer.dilation),
-                                 dense_layer.groups) if isinstance(sparse_layer, SparseConv2d) else ())
+                    linear = isinstance(sparse_layer, (SparseLinear, SparseTransposedLinear))
+                    geometry = () if linear else (tuple(dense_layer.stride), str(dense_layer.padding),
+                                                  tuple(dense_layer.dilation), dense_layer.groups)
                     key = (type(sparse_layer).__name__, tuple(dense_layer.weight.shape), geometry, tuple(x.shape),
                            x.dtype, x.requires_grad)
                     if key not in memo:

@@ -174,8 +174,8 @@ def test_sparsify_again_with_another_layout_or_grad_mode_reports_it():
             dynasparse.sparsify(model, 0.9, strict=True, **kwargs)
     assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[1].mask, masks[1])
     # strict fails before re-pruning anything
-    model.add_module("2", nn.Conv1d(2, 2, 1))
-    with pytest.raises(ValueError, match="Conv1d"):
+    model.add_module("2", nn.Conv3d(2, 2, 1))  # not a layer sparsify converts
+    with pytest.raises(ValueError, match="Conv3d"):
         dynasparse.sparsify(model, 0.9, grad_mode="masked", strict=True)
     assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[1].mask, masks[1])
 

@@ -156,11 +156,11 @@ def test_from_dense_to_dense_round_trip_and_repr():
 def test_sparsify_and_densify_a_cnn_and_an_mlp():
     seeded(7)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
-                          nn.Flatten(), nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 10), nn.Conv1d(2, 2, 1))
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 10), nn.Conv3d(2, 2, 1))
     x = torch.randn(2, 3, 6, 6)
     report = dynasparse.sparsify(model, 0.8, exclude=["0"])
     assert report.converted == ["2", "4", "6"]
-    assert "7" in report.skipped and "Conv1d" in report.skipped["7"]
+    assert "7" in report.skipped and "Conv3d" in report.skipped["7"]
     assert type(model[0]) is nn.Conv2d and isinstance(model[4], SparseLinear)
     y_sparse = model[:7](x)
     assert dynasparse.densify(model) == ["2", "4", "6"]

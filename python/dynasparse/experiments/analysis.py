@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..nn import SparseConv2d, SparseLinear, SparseTransposedLinear, load
+from ..nn import load
+from ..nn.modules import SPARSE_MODULES
 
 _OWNER = "dynasparse.experiments.analysis"
 Masks = torch.Tensor | Mapping[str, torch.Tensor]
@@ -39,7 +40,7 @@ def logits(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 1024) ->
 def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The sparse layers of `model` by name."""
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, (SparseConv2d, SparseLinear, SparseTransposedLinear))}
+            if isinstance(module, SPARSE_MODULES)}
 
 
 def _labels(name: str, outputs: torch.Tensor) -> torch.Tensor:

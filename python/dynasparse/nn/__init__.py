@@ -4,9 +4,9 @@ dense per call (costs.py), and physical shrinking of pruned neurons (shrink.py).
 from .convert import SparsifyReport, densify, sparse_masks, sparsify
 from .costs import backend_default, default_backend, set_default_backend
 from .io import load, save
-from .modules import LAYOUT_NAMES, SparseConv2d, SparseLinear, SparseTransposedLinear
+from .modules import LAYOUT_NAMES, SparseConv1d, SparseConv2d, SparseLinear, SparseTransposedLinear
 from .shrink import NotShrinkable, ShrinkReport, shrink, shrink_report
 
-__all__ = ["LAYOUT_NAMES", "NotShrinkable", "ShrinkReport", "SparseConv2d", "SparseLinear", "SparseTransposedLinear",
-           "SparsifyReport", "backend_default", "default_backend", "densify", "load", "save", "set_default_backend",
+__all__ = ["LAYOUT_NAMES", "NotShrinkable", "ShrinkReport", "SparseConv1d", "SparseConv2d", "SparseLinear",
+           "SparseTransposedLinear", "SparsifyReport", "backend_default", "default_backend", "densify", "load", "save", "set_default_backend",
            "shrink", "shrink_report", "sparse_masks", "sparsify"]

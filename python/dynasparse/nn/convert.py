@@ -1,10 +1,10 @@
-"""sparsify(model) / densify(model): swap nn.Linear / nn.Conv2d for their sparse versions in place.
+"""sparsify(model) / densify(model): swap nn.Linear / nn.Conv1d / nn.Conv2d for their sparse versions in place.
 
 Modules are matched by their qualified names (as in `model.named_modules()`): `include` and
 `exclude` take fnmatch patterns ("encoder.*", "*.classifier") or a callable
 `(name, module) -> bool`. Every matching weight matrix (a parameter of two or more dimensions)
 that is not converted is reported in the returned `SparsifyReport` with the reason, never
-silently skipped: other layer types (nn.Conv1d, nn.ConvTranspose2d, nn.Embedding, RNN / LSTM /
+silently skipped: other layer types (nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, RNN / LSTM /
 GRU, nn.MultiheadAttention's own projections), bare `nn.Parameter` matrices of any module,
 tied weights, and layers the sparse layer class refuses (a layout that does not fit a layer's
 shape); `strict=True` makes them an error.
@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from .costs import check_backend
-from .modules import (SPARSE_MODULES, SparseConv2d, SparseLinear, SparseTransposedLinear, check_grad_mode,
-                      check_sparsity, magnitude_mask, parse_layout)
+from .modules import (SPARSE_MODULES, SparseConv1d, SparseConv2d, SparseLinear, SparseTransposedLinear,
+                      check_grad_mode, check_sparsity, magnitude_mask, parse_layout)
 
 Selector = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
 
-_CONVERTED = "nn.Linear, nn.Conv2d and GPT-2 Conv1D"
+_CONVERTED = "nn.Linear, nn.Conv1d, nn.Conv2d and GPT-2 Conv1D"
+DENSE_TO_SPARSE = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d}
 
 
 @dataclasses.dataclass
@@ -108,8 +109,9 @@ def _repruned_mask(module: nn.Module, sparsity: float, layout: str, grad_mode: s
 def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstructured", include: Selector = None,
              exclude: Selector = None, grad_mode: str = "feedback", strict: bool = False,
              backend: str | None = None) -> SparsifyReport:
-    """Replace every matching nn.Linear / nn.Conv2d of `model` (in place, keeping weights,
-    devices and dtypes) by SparseLinear / SparseConv2d with a magnitude mask at `sparsity`.
+    """Replace every matching nn.Linear / nn.Conv1d / nn.Conv2d of `model` (in place, keeping
+    weights, devices and dtypes) by SparseLinear / SparseConv1d / SparseConv2d with a magnitude
+    mask at `sparsity`.
 
     Layers that are already sparse are re-pruned in place to the magnitude mask of their
     weights at `sparsity` (listed in `report.repruned`): calling sparsify again at another
@@ -135,7 +137,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
     if isinstance(model, SPARSE_MODULES):
         raise ValueError("dynasparse.sparsify: the model is itself a sparse layer, which sparsify cannot replace or "
                          "re-prune in place; pass the model that contains it, or call its set_mask")
-    if type(model) in (nn.Linear, nn.Conv2d) or _is_transposed_linear(model):
+    if type(model) in DENSE_TO_SPARSE or _is_transposed_linear(model):
         raise ValueError("dynasparse.sparsify: pass the model that contains the layer (the layer itself cannot be "
                          "replaced in place); for one layer use SparseLinear.from_dense / SparseConv2d.from_dense")
     report = SparsifyReport()
@@ -165,7 +167,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
         weight = getattr(module, "weight", None)
         if _is_transposed_linear(module):
             kind = SparseTransposedLinear
-        elif kind not in (nn.Linear, nn.Conv2d):
+        elif kind not in DENSE_TO_SPARSE:
             matrices = _matrices(module)
             if matrices:
                 report.skipped[name] = _unconverted_reason(model, name, module, matrices)
@@ -174,7 +176,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
             report.skipped[name] = ("its weight is shared with another module (tied weights); a sparse copy would "
                                     "untie them")
             continue
-        sparse_cls = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}.get(kind, kind)
+        sparse_cls = DENSE_TO_SPARSE.get(kind, kind)
         try:
             new = sparse_cls.from_dense(module, sparsity=sparsity, layout=layout, grad_mode=grad_mode,
                                         backend=backend)
@@ -196,7 +198,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, layout: str = "unstruct
 
 
 def densify(model: nn.Module) -> list[str]:
-    """Replace every SparseLinear / SparseConv2d by the dense layer holding `w * mask`;
+    """Replace every SparseLinear / SparseConv1d / SparseConv2d by the dense layer holding `w * mask`;
     returns the names replaced. (A SparseTransposedLinear keeps its class, since the dense
     original's class is not ours to build: its weight is set to `w * mask` and its mask to
     all ones.) The model must contain the sparse layers: a model that is itself one cannot be

@@ -513,15 +513,13 @@ class SparseLinear(_SparseMixin, nn.Linear):
         return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
-class SparseConv2d(_SparseMixin, nn.Conv2d):
-    """nn.Conv2d with a mask: same arguments, plus keyword-only `sparsity`, `layout`,
-    `grad_mode` and `backend` as SparseLinear. The convolution is lowered to the masked matmul over the
-    weight viewed as [out_channels, in_channels * kh * kw]: 1x1 convolutions directly on the
-    channels; k x k ones, on CPU with the panel plan (unstructured and 2:4 layouts), by the
-    implicit-GEMM op `conv2d_panels` (im2col tiles built in cache, NCHW output written
-    directly), elsewhere (block layouts, CUDA) on unfolded patches. Backward passes go through
-    the unfolded patches in every case. Grouped convolutions (groups > 1, depthwise included)
-    fall back to a dense convolution of `w * m`: correct, no faster than dense."""
+class _SparseConvNd(_SparseMixin):
+    """What SparseConv1d and SparseConv2d share: the convolution lowered to the masked matmul
+    over the weight viewed as [out_channels, in_channels * prod(kernel_size)]; a 1-D one runs
+    as the 2-D one of a (1, k) kernel over its signal viewed [C, 1, L] (the same matrix)."""
+
+    _DENSE: type  # the nn module it replaces
+    _SPATIAL: int  # its spatial dimensions
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -543,11 +541,13 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         super()._check_layout_fits()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4):
-            raise ValueError(f"dynasparse.SparseConv2d: expected a 3-D (unbatched) or 4-D input, got {x.dim()}-D")
-        if x.shape[-3] != self.in_channels:
-            raise RuntimeError(f"dynasparse.SparseConv2d: expected input of shape {list(x.shape)} to have "
-                               f"{self.in_channels} channels (in_channels), got {x.shape[-3]}")
+        name, spatial = type(self).__name__, self._SPATIAL
+        if x.dim() not in (spatial + 1, spatial + 2):
+            raise ValueError(f"dynasparse.{name}: expected a {spatial + 1}-D (unbatched) or {spatial + 2}-D input, "
+                             f"got {x.dim()}-D")
+        if x.shape[-spatial - 1] != self.in_channels:
+            raise RuntimeError(f"dynasparse.{name}: expected input of shape {list(x.shape)} to have "
+                               f"{self.in_channels} channels (in_channels), got {x.shape[-spatial - 1]}")
         # Grouped convolutions have no kernel: dense on w * m, unmeasured.
         dense = self.groups != 1 or self._reference_product(x) or self._runs_dense(x, self._convolution)
         return self._convolution(x, dense)
@@ -559,79 +559,109 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             else:
                 weight = self._dense_weight(self.weight, self.mask)
             return self._conv_forward(x, weight, self.bias)
-        batched = x.dim() == 4
+        batched = x.dim() == self._SPATIAL + 2
         if not batched:
             x = x.unsqueeze(0)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0, 0)
+            padding = (0,) * self._SPATIAL
         elif self.padding == "valid":
-            padding = (0, 0)
+            padding = (0,) * self._SPATIAL
         elif self.padding == "same":
             padding = self._same_padding()
         else:
             padding = tuple(self.padding)
+        kernel_size, stride, dilation = tuple(self.kernel_size), tuple(self.stride), tuple(self.dilation)
+        if self._SPATIAL == 1:
+            x = x.unsqueeze(2)
+            kernel_size, stride, dilation, padding = ((1, *kernel_size), (1, *stride), (1, *dilation),
+                                                      (0, *padding))
+        y = self._convolution_2d(x, kernel_size, stride, padding, dilation)
+        if self._SPATIAL == 1:
+            y = y.squeeze(2)
+        return y if batched else y.squeeze(0)
+
+    def _convolution_2d(self, x, kernel_size, stride, padding, dilation) -> torch.Tensor:
+        """The sparse way on a batched 4-D x with 2-D geometry."""
         n, _, height, width = x.shape
-        kh, kw = self.kernel_size
-        out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        kh, kw = kernel_size
+        out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         if (kh, kw) == (1, 1) and padding == (0, 0):
-            rows = x[:, :, ::self.stride[0], ::self.stride[1]].permute(0, 2, 3, 1)
+            rows = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1)
         elif x.device.type == "cpu" and self.plan().kernel == "panels":
-            y = self._implicit_gemm(x, padding)
-            return y if batched else y.squeeze(0)
+            x, weight_2d, bias = self._autocast(x, self._weight_2d(), self.bias)
+            plan = self.plan()
+            plan.check()
+            return _PanelConv2d.apply(x, weight_2d, self._guarded_bias(plan, bias, x), plan.pack(weight_2d), plan,
+                                      weight_grad_of(self.grad_mode, self.weight_grad),
+                                      (kernel_size, stride, padding, dilation))
         else:
-            patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=padding, stride=self.stride)
+            patches = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
             rows = patches.transpose(1, 2)
         y = self._sparse_linear(rows, self._weight_2d(), self.bias)
-        y = y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
-        return y if batched else y.squeeze(0)
+        return y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
     def _geometry_key(self) -> tuple:
         return (tuple(self.weight.shape), tuple(self.stride), str(self.padding), tuple(self.dilation), self.groups,
                 self.padding_mode)
 
     def _call_key(self, x: torch.Tensor):
-        return (costs.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-2:])
+        batched = x.dim() == self._SPATIAL + 2
+        return (costs.rows_bucket(x.shape[0]) if batched else 1, *x.shape[-self._SPATIAL:])
 
-    def _implicit_gemm(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-        x, weight_2d, bias = self._autocast(x, self._weight_2d(), self.bias)
-        plan = self.plan()
-        plan.check()
-        geometry = (tuple(self.kernel_size), tuple(self.stride), padding, tuple(self.dilation))
-        return _PanelConv2d.apply(x, weight_2d, self._guarded_bias(plan, bias, x), plan.pack(weight_2d), plan,
-                                  weight_grad_of(self.grad_mode, self.weight_grad), geometry)
-
-    def _same_padding(self) -> tuple[int, int]:
+    def _same_padding(self) -> tuple[int, ...]:
         pads = []
         for dilation, size in zip(self.dilation, self.kernel_size):
             total = dilation * (size - 1)
             if total % 2:
-                raise ValueError("dynasparse.SparseConv2d: padding='same' with an even effective kernel size is "
-                                 "not supported (it pads unevenly); give explicit padding")
+                raise ValueError(f"dynasparse.{type(self).__name__}: padding='same' with an even effective kernel "
+                                 "size is not supported (it pads unevenly); give explicit padding")
             pads.append(total // 2)
         return tuple(pads)
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, *, sparsity: float = 0.0, layout: str = "unstructured",
+    def from_dense(cls, module: nn.Module, *, sparsity: float = 0.0, layout: str = "unstructured",
                    grad_mode: str = "feedback", mask: torch.Tensor | None = None,
-                   backend: str | None = None) -> SparseConv2d:
-        _check_source(cls, module, nn.Conv2d)
+                   backend: str | None = None) -> _SparseConvNd:
+        """The sparse layer sharing nothing with `module` (the nn class it replaces) but its values."""
+        _check_source(cls, module, cls._DENSE)
         sparse = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                      padding=module.padding, dilation=module.dilation, groups=module.groups,
                      bias=module.bias is not None, padding_mode=module.padding_mode, device=module.weight.device,
-                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode,
-                     backend=backend)
+                     dtype=module.weight.dtype, layout=layout, grad_mode=grad_mode, backend=backend)
         return sparse._adopt(module, sparsity, mask)
 
-    def to_dense(self) -> nn.Conv2d:
-        return self._fill_dense(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                                          padding=self.padding, dilation=self.dilation, groups=self.groups,
-                                          bias=self.bias is not None, padding_mode=self.padding_mode,
-                                          device=self.weight.device, dtype=self.weight.dtype))
+    def to_dense(self) -> nn.Module:
+        """The pruned layer as the nn class it replaces (weight * mask)."""
+        return self._fill_dense(self._DENSE(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                                            padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                            bias=self.bias is not None, padding_mode=self.padding_mode,
+                                            device=self.weight.device, dtype=self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"
+
+
+class SparseConv2d(_SparseConvNd, nn.Conv2d):
+    """nn.Conv2d with a mask: same arguments, plus keyword-only `sparsity`, `layout`,
+    `grad_mode` and `backend` as SparseLinear. The convolution is lowered to the masked matmul
+    over the weight viewed as [out_channels, in_channels * kh * kw]: 1x1 convolutions directly
+    on the channels; k x k ones, on CPU with the panel plan (unstructured and 2:4 layouts), by
+    the implicit-GEMM op `conv2d_panels` (im2col tiles built in cache, NCHW output written
+    directly), elsewhere (block layouts, CUDA) on unfolded patches. Backward passes go through
+    the unfolded patches in every case. Grouped convolutions (groups > 1, depthwise included)
+    fall back to a dense convolution of `w * m`: correct, no faster than dense."""
+
+    _DENSE, _SPATIAL = nn.Conv2d, 2
+
+
+class SparseConv1d(_SparseConvNd, nn.Conv1d):
+    """nn.Conv1d with a mask (1-D CNNs, audio models): its arguments plus those of
+    SparseLinear; its `state_dict` is nn.Conv1d's plus the mask. It runs SparseConv2d's kernels
+    as a (1, k) convolution over the signal viewed [C, 1, L] (no copy of the weight)."""
+
+    _DENSE, _SPATIAL = nn.Conv1d, 1
 
 
 class _PanelConv2d(FullArgsFunction):
@@ -761,7 +791,7 @@ class SparseTransposedLinear(_SparseMixin, nn.Module):
                 f"bias={self.bias is not None}, weight stored [in, out], {self._sparse_repr()}")
 
 
-SPARSE_MODULES = (SparseLinear, SparseConv2d, SparseTransposedLinear)
+SPARSE_MODULES = (SparseLinear, SparseConv1d, SparseConv2d, SparseTransposedLinear)
 
 
 def _check_source(cls: type, module: nn.Module, expected: type) -> None:

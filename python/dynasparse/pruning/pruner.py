@@ -172,7 +172,7 @@ class Pruner:
     module docstring for the lifecycle and the hooks).
 
     model: the model (or its DistributedDataParallel wrapper, sparsified before wrapping);
-        matching nn.Linear / nn.Conv2d are replaced by unstructured sparse layers with all
+        matching nn.Linear / nn.Conv1d / nn.Conv2d are replaced by unstructured sparse layers with all
         weights active (so build the optimizer afterwards and `attach` it), matching sparse
         layers are taken as they are, with their layout and mask
         (`sparsify(model, 0.0, layout="block32")` first for block pruning).
@@ -244,7 +244,8 @@ class Pruner:
             if isinstance(module, SPARSE_MODULES) and _matches(include, name, module, True)
             and not _matches(exclude, name, module, False)}
         if not self.layers:
-            raise ValueError("dynasparse.pruning: no prunable layer (nn.Linear / nn.Conv2d matching include/exclude)"
+            raise ValueError("dynasparse.pruning: no prunable layer (nn.Linear / nn.Conv1d / nn.Conv2d matching "
+                             "include/exclude)"
                              + (" in the DDP-wrapped model: sparsify the model before wrapping it" if wrapped else ""))
         if granularity == "row" and any(isinstance(m, SparseTransposedLinear) for m in self.layers.values()):
             raise ValueError("dynasparse.pruning: granularity='row' does not support transposed-weight layers (GPT-2 "
