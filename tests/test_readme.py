@@ -51,5 +51,6 @@ def test_every_readme_code_block_runs_as_written(tmp_path):
                                    for i, block in enumerate(blocks))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     done = [int(i) for i in re.findall(r"README block (\d+) done", result.stdout)]
-    assert result.returncode == 0, f"README code block {len(done) + 1} of {len(blocks)} failed:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"README code block {len(done) + 1} of {len(blocks)} failed:\n"
+                                    f"{result.stderr[-3000:]}")
     assert done == list(range(len(blocks)))

@@ -191,8 +191,8 @@ def fisher_diagonal(model: nn.Module, batches: Iterable, *, params: Sequence[str
                     loss: Loss | None = None, chunk_size: int = 256, labels: str = "empirical") -> Estimate:
     """The Fisher estimate of the Hessian diagonal (module docstring): labels="empirical" the
     mean of the per-example squared gradients of `loss` at the observed targets; labels="model"
-    (cross-entropy, integer class targets) the exact expectation over the model's predictive
-    distribution. `chunk_size`: examples per vmapped per-example-gradient call (memory: chunk_size
+    (cross-entropy on logits [N, C]; the targets are not read) the exact expectation over the
+    model's predictive distribution. `chunk_size`: examples per vmapped per-example-gradient call (memory: chunk_size
     x the chosen parameters, times the classes for labels="model"); the result does not depend on
     it beyond float rounding."""
     owner = f"{_OWNER}.fisher_diagonal"
@@ -225,8 +225,9 @@ def fisher_diagonal(model: nn.Module, batches: Iterable, *, params: Sequence[str
         per_example = vmap(expected_square, in_dims=(None, 0))
 
     per_batch, counts = [], []
-    squares = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in chosen.items()}
-    fourth = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in chosen.items()}
+    # Over every example: the sum of its squared gradients, and of their squares (for the stderr).
+    summed = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in chosen.items()}
+    summed_squares = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in chosen.items()}
     with _estimating(model):
         for inputs, targets in checked:
             batch_sum = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in chosen.items()}
@@ -235,26 +236,23 @@ def fisher_diagonal(model: nn.Module, batches: Iterable, *, params: Sequence[str
                 if labels == "empirical":
                     values = {name: g.square() for name, g in per_example(chosen, x, y).items()}
                 else:
-                    if y.is_floating_point() or y.dim() != 1:
-                        raise ValueError(f"{owner}: labels='model' needs integer class targets [N], got "
-                                         f"{y.dtype} {list(y.shape)}")
-                    values = per_example(chosen, x)
+                    values = per_example(chosen, x)  # the targets play no part: the model's own labels
                 for name in names:
                     value = values[name].double()
                     batch_sum[name] += value.sum(0)
-                    squares[name] += value.sum(0)
-                    fourth[name] += value.square().sum(0)
+                    summed[name] += value.sum(0)
+                    summed_squares[name] += value.square().sum(0)
             per_batch.append({name: (batch_sum[name] / len(inputs)).to(chosen[name].dtype) for name in names})
             counts.append(len(inputs))
     total = sum(counts)
     samples = _stacked(per_batch, names)
-    mean = {name: (squares[name] / total).to(chosen[name].dtype) for name in names}
+    mean = {name: (summed[name] / total).to(chosen[name].dtype) for name in names}
     stderr = None
     if total >= 2:
         stderr = {}
         for name in names:
-            average = squares[name] / total
-            variance = ((fourth[name] - total * average.square()) / (total - 1)).clamp(min=0.0)
+            average = summed[name] / total
+            variance = ((summed_squares[name] - total * average.square()) / (total - 1)).clamp(min=0.0)
             stderr[name] = (variance / total).sqrt().to(chosen[name].dtype)
     return Estimate("fisher" if labels == "empirical" else "fisher-model", mean, stderr, samples, tuple(counts))
 
