@@ -31,6 +31,31 @@ def _skip_where_unusable(param, op: str):
                         marks=[*param.marks, pytest.mark.skip(reason=f"{backend} cannot run {op}: {reason}")])
 
 
+def _generator(seed_or_generator) -> torch.Generator:
+    if isinstance(seed_or_generator, torch.Generator):
+        return seed_or_generator
+    return torch.Generator().manual_seed(seed_or_generator)
+
+
+def random_mask(shape, sparsity: float, generator, device="cpu") -> torch.Tensor:
+    """Each element kept with probability 1 - sparsity (0 keeps all, 1 none), drawn on the CPU
+    from `generator` (or a seed), so that a seed gives the same mask on every device."""
+    return (torch.rand(shape, generator=_generator(generator)) >= sparsity).to(device)
+
+
+def random_block_mask(n: int, k: int, block: int, sparsity: float, generator, *, inner_sparsity: float = 0.0,
+                      device="cpu") -> torch.Tensor:
+    """Whole block x block blocks kept with probability 1 - sparsity (edge blocks cut to
+    [n, k]), then each element of a kept block cleared with probability inner_sparsity:
+    block plans must handle masks that are not block-constant."""
+    generator = _generator(generator)
+    kept = torch.rand(-(-n // block), -(-k // block), generator=generator) >= sparsity
+    mask = kept.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    if inner_sparsity:
+        mask = mask & (torch.rand(n, k, generator=generator) >= inner_sparsity)
+    return mask.to(device)
+
+
 def poison_allocator(nbytes: int, device: str) -> None:
     """Leave a freed block full of 0xA5 where the next allocation of this size likely lands,
     so an output element a kernel forgets to write shows up as garbage, not as zero."""
@@ -42,7 +67,11 @@ def poison_allocator(nbytes: int, device: str) -> None:
 def assert_close_to_float64(ours, torch_own, exact):
     """ours within twice torch's own error (same dtype) of the float64 result, plus a few ulps
     of the largest output. float64 results have float64 torch as their oracle, so there the
-    bound is a summation-order difference: a few ulps of the largest output per 100 terms."""
+    bound is a summation-order difference: a few ulps of the largest output per 100 terms.
+    The three may live on different devices (compared on the CPU)."""
+    ours, torch_own, exact = ours.cpu(), torch_own.cpu(), exact.cpu().double()
+    assert ours.shape == exact.shape, (list(ours.shape), list(exact.shape))
+    assert torch.isfinite(ours).all(), "non-finite output"
     if exact.numel() == 0:
         return
     eps = torch.finfo(ours.dtype).eps

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dynasparse.kernels import bitmask  # noqa: E402
+from tests.helpers import random_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KS = [0, 1, 7, 31, 32, 33, 64, 65, 100, 257]
@@ -34,11 +35,6 @@ def reference_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 32)[..., :k].to(torch.bool)
 
 
-def random_mask(shape, density, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=generator) < density).to(DEVICE)
-
-
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:
     # Compare bool results byte for byte: a poison byte may read as True in bool comparisons.
     return mask.cpu().view(torch.uint8)
@@ -49,7 +45,7 @@ def as_bytes(mask: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("leading", LEADING, ids=str)
 def test_pack_matches_reference(leading, k, density, poisoned_empty):
-    mask = random_mask((*leading, k), density)
+    mask = random_mask((*leading, k), 1 - density, 0, DEVICE)
     packed = bitmask.pack_mask(mask)
     assert packed.dtype == torch.int32 and packed.device == mask.device
     assert packed.shape == (*leading, -(-k // 32))
@@ -77,7 +73,7 @@ def test_unpack_matches_reference(leading, k, words, poisoned_empty):
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("leading", [(3,), (2, 3)], ids=str)
 def test_round_trip(leading, k, density):
-    mask = random_mask((*leading, k), density, seed=1)
+    mask = random_mask((*leading, k), 1 - density, 1, DEVICE)
     assert torch.equal(as_bytes(bitmask.unpack_mask(bitmask.pack_mask(mask), k)), as_bytes(mask))
 
 

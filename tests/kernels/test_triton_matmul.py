@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 from dynasparse import ops  # noqa: E402
 from dynasparse.kernels import matmul as kernels  # noqa: E402
 from dynasparse.ops import matmul as matmul_ops  # noqa: E402
+from tests.helpers import random_mask  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -31,10 +32,6 @@ N, K = 70, 45  # neither a multiple of a tile nor of 32
 
 def generator(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def random_mask(n, k, sparsity, seed):
-    return (torch.rand(n, k, generator=generator(seed)) >= sparsity).to(DEVICE)
 
 
 def randn(*shape, dtype, seed):
@@ -87,7 +84,7 @@ def run_masked_sddmm(grad_out, x, mask, tile=kernels.DEFAULT_TILE):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_masked_mm_matches_float64(dtype, sparsity, poisoned_empty):
-    mask = random_mask(N, K, sparsity, seed=1)
+    mask = random_mask((N, K), sparsity, 1, DEVICE)
     weight, x, bias = randn(N, K, dtype=dtype, seed=2), randn(33, K, dtype=dtype, seed=3), randn(N, dtype=dtype, seed=4)
     assert_close_as_torch(run_masked_mm(x, weight, mask, bias), lambda x, w, b: masked_linear(x, w, mask, b),
                           x, weight, bias)
@@ -96,7 +93,7 @@ def test_masked_mm_matches_float64(dtype, sparsity, poisoned_empty):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_masked_sddmm_matches_float64(dtype, sparsity, poisoned_empty):
-    mask = random_mask(N, K, sparsity, seed=5)
+    mask = random_mask((N, K), sparsity, 5, DEVICE)
     grad_out, x = randn(2, 17, N, dtype=dtype, seed=6), randn(2, 17, K, dtype=dtype, seed=7)
     assert_close_as_torch(run_masked_sddmm(grad_out, x, mask), lambda g, x: masked_weight_grad(g, x, mask),
                           grad_out, x)
@@ -105,7 +102,7 @@ def test_masked_sddmm_matches_float64(dtype, sparsity, poisoned_empty):
 @pytest.mark.parametrize("tile", kernels.TILES)
 @pytest.mark.parametrize("n,k", [(70, 45), (1, 1), (129, 200), (33, 64)], ids=str)
 def test_every_tile_and_odd_shapes(n, k, tile, poisoned_empty):
-    mask = random_mask(n, k, 0.5, seed=8)
+    mask = random_mask((n, k), 0.5, 8, DEVICE)
     weight, x, bias = randn(n, k, dtype=torch.float32, seed=9), randn(9, k, dtype=torch.float32, seed=10), None
     assert_close_as_torch(run_masked_mm(x, weight, mask, bias, tile), lambda x, w: masked_linear(x, w, mask, None),
                           x, weight)
@@ -119,12 +116,12 @@ def test_grids_of_several_program_bands(poisoned_empty):
     the last band partial: every output tile is still visited exactly once."""
     tile = 32
     rows = kernels.GROUP * kernels.BLOCK_M + 77
-    mask = random_mask(N, K, 0.5, seed=55)
+    mask = random_mask((N, K), 0.5, 55, DEVICE)
     weight, x = randn(N, K, dtype=torch.float32, seed=56), randn(rows, K, dtype=torch.float32, seed=57)
     assert_close_as_torch(run_masked_mm(x, weight, mask, None, tile), lambda x, w: masked_linear(x, w, mask, None),
                           x, weight)
     n = kernels.GROUP * tile + 45
-    mask = random_mask(n, K, 0.5, seed=58)
+    mask = random_mask((n, K), 0.5, 58, DEVICE)
     grad_out, x = randn(5, n, dtype=torch.float32, seed=59), randn(5, K, dtype=torch.float32, seed=60)
     assert_close_as_torch(run_masked_sddmm(grad_out, x, mask, tile), lambda g, x: masked_weight_grad(g, x, mask),
                           grad_out, x)
@@ -133,7 +130,7 @@ def test_grids_of_several_program_bands(poisoned_empty):
 @pytest.mark.parametrize("leading", [(), (0,), (1,), (2, 3), (3, 0, 2)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_masked_mm_leading_dims(leading, with_bias, poisoned_empty):
-    mask = random_mask(N, K, 0.5, seed=12)
+    mask = random_mask((N, K), 0.5, 12, DEVICE)
     weight, x = randn(N, K, dtype=torch.float32, seed=13), randn(*leading, K, dtype=torch.float32, seed=14)
     bias = randn(N, dtype=torch.float32, seed=15) if with_bias else None
     y = run_masked_mm(x, weight, mask, bias)
@@ -143,7 +140,7 @@ def test_masked_mm_leading_dims(leading, with_bias, poisoned_empty):
 
 @pytest.mark.parametrize("leading", [(0,), (1,), (2, 3), (3, 0, 2)], ids=str)
 def test_masked_sddmm_leading_dims(leading, poisoned_empty):
-    mask = random_mask(N, K, 0.5, seed=16)
+    mask = random_mask((N, K), 0.5, 16, DEVICE)
     grad_out, x = randn(*leading, N, dtype=torch.float32, seed=17), randn(*leading, K, dtype=torch.float32, seed=18)
     result = run_masked_sddmm(grad_out, x, mask)
     assert result.shape == (N, K)
@@ -155,7 +152,7 @@ def test_masked_sddmm_leading_dims(leading, poisoned_empty):
 
 def test_empty_weight_shapes(poisoned_empty):
     for n, k in [(0, 45), (70, 0), (0, 0)]:
-        mask = random_mask(n, k, 0.5, seed=19)
+        mask = random_mask((n, k), 0.5, 19, DEVICE)
         x, weight = randn(5, k, dtype=torch.float32, seed=20), randn(n, k, dtype=torch.float32, seed=21)
         bias = randn(n, dtype=torch.float32, seed=22)
         # K = 0: an empty sum, so y is the bias exactly.
@@ -165,7 +162,7 @@ def test_empty_weight_shapes(poisoned_empty):
 
 
 def test_non_contiguous_operands(poisoned_empty):
-    mask = random_mask(N, K, 0.5, seed=24)
+    mask = random_mask((N, K), 0.5, 24, DEVICE)
     weight = randn(N, 2 * K, dtype=torch.float32, seed=25)[:, ::2]  # strided along K
     x = randn(K, 40, dtype=torch.float32, seed=26).T[::3]  # column-major, every third row
     x3d = randn(4, K, 5, dtype=torch.float32, seed=27).transpose(1, 2)  # leading dims that cannot be viewed flat
@@ -182,7 +179,7 @@ def test_non_contiguous_operands(poisoned_empty):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_input_gradient_through_a_transposed_weight_view(dtype, poisoned_empty):
     """grad_x = grad_out @ where(m, w, 0): masked_mm with w.T and the bitmask and plan of m.T."""
-    mask = random_mask(N, K, 0.7, seed=30)
+    mask = random_mask((N, K), 0.7, 30, DEVICE)
     weight, grad_out = randn(N, K, dtype=dtype, seed=31), randn(3, 11, N, dtype=dtype, seed=32)
     grad_x = run_masked_mm(grad_out, weight.T, mask.T.contiguous())
     assert grad_x.shape == (3, 11, K)
@@ -191,7 +188,7 @@ def test_input_gradient_through_a_transposed_weight_view(dtype, poisoned_empty):
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=str)
 def test_pruned_inf_and_nan_contribute_nothing(value, poisoned_empty):
-    mask = random_mask(N, K, 0.5, seed=33)
+    mask = random_mask((N, K), 0.5, 33, DEVICE)
     weight = randn(N, K, dtype=torch.float16, seed=34)
     weight[~mask] = value
     x = randn(6, K, dtype=torch.float16, seed=35)
@@ -206,7 +203,7 @@ def test_the_plan_decides_which_tiles_are_visited(poisoned_empty):
     """A plan missing some active tiles (one of a sub-mask) leaves those tiles out of both
     products, so the kernels iterate the plan and never scan the whole weight."""
     tile = 32
-    mask = random_mask(N, K, 0.0, seed=37)
+    mask = random_mask((N, K), 0.0, 37, DEVICE)
     kept_tiles = torch.zeros(N, K, dtype=torch.bool, device=DEVICE)
     kept_tiles[:tile, tile:] = True  # tile (0, 1)
     kept_tiles[2 * tile:, :tile] = True  # tile (2, 0)
@@ -235,13 +232,13 @@ def test_block_mask_runs_the_same_kernels(poisoned_empty):
 
 
 def _mm_args(dtype=torch.float32, tile=kernels.DEFAULT_TILE, device=DEVICE):
-    mask = random_mask(N, K, 0.5, seed=45).to(device)
+    mask = random_mask((N, K), 0.5, 45, DEVICE).to(device)
     weight, x = randn(N, K, dtype=dtype, seed=46).to(device), randn(3, K, dtype=dtype, seed=47).to(device)
     return (x, weight, *bitmask_plan(mask, tile), tile, randn(N, dtype=dtype, seed=48).to(device))
 
 
 def _sddmm_args(dtype=torch.float32, tile=kernels.DEFAULT_TILE, device=DEVICE):
-    mask = random_mask(N, K, 0.5, seed=49).to(device)
+    mask = random_mask((N, K), 0.5, 49, DEVICE).to(device)
     grad_out, x = randn(2, 3, N, dtype=dtype, seed=50).to(device), randn(2, 3, K, dtype=dtype, seed=51).to(device)
     return (grad_out, x, *bitmask_plan(mask, tile), tile)
 

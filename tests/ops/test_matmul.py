@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from dynasparse import dispatch, ops
 from dynasparse.layout import MaskPlan
 from dynasparse.ops import matmul as matmul_ops
-from tests.helpers import backend_device_params, poison_allocator
+from tests.helpers import (assert_close_to_float64, backend_device_params, poison_allocator, random_block_mask,
+                           random_mask)
 
 
 def backends(op: str):
@@ -23,20 +24,6 @@ SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # (N, K): odd sizes, not multiples of panels, blocks or vector widths; empty ones.
 SHAPES = [(37, 301), (1, 5), (64, 64), (70, 129), (0, 9), (6, 0)]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-
-def random_mask(n, k, sparsity, seed, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, k, generator=generator) >= sparsity).to(device)
-
-
-def random_block_mask(n, k, block, sparsity, seed):
-    """Whole blocks kept at random, then a few elements inside them cleared: the block plan
-    must handle masks that are not block-constant."""
-    generator = torch.Generator().manual_seed(seed)
-    blocks = torch.rand(-(-n // block), -(-k // block), generator=generator) >= sparsity
-    mask = blocks.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
-    return mask & (torch.rand(n, k, generator=generator) >= 0.1)
 
 
 def randn(*shape, dtype=torch.float32, seed=0, device="cpu"):
@@ -88,24 +75,6 @@ def masked_dense(weight, mask):
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
-def assert_close_to_float64(ours, exact, same_precision_torch):
-    """Our error against float64 at most twice torch's own error in the same precision
-    (plus a floor of a few ulps of the result's scale, for when torch's error is 0)."""
-    ours, exact, theirs = (t.cpu().double() for t in (ours, exact, same_precision_torch))
-    assert ours.shape == exact.shape
-    assert torch.isfinite(ours).all()
-    if exact.numel() == 0:
-        return
-    scale = exact.abs().max().item() + 1.0
-    ulp = torch.finfo(same_precision_torch.dtype).eps
-    # In float64 torch's result is the oracle itself (its error is 0 by construction): allow a
-    # fixed number of roundings for another summation order instead.
-    roundings = 64 if same_precision_torch.dtype == torch.float64 else 4
-    our_error = (ours - exact).abs().max().item()
-    torch_error = (theirs - exact).abs().max().item()
-    assert our_error <= 2 * torch_error + roundings * ulp * scale, (our_error, torch_error)
-
-
 # --- plans ---
 
 @pytest.mark.parametrize("backend,device", backends("plan_panels"))
@@ -113,7 +82,7 @@ def assert_close_to_float64(ours, exact, same_precision_torch):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("panel", [1, 7, 256, 65536])
 def test_plan_panels_matches_definition(backend, device, shape, sparsity, panel):
-    mask = random_mask(*shape, sparsity, seed=hash((shape, sparsity, panel)) % 2**31, device=device)
+    mask = random_mask(shape, sparsity, hash((shape, sparsity, panel)) % 2**31, device=device)
     row_ptr, cols = ops.plan_panels(mask, panel, backend=backend)
     expected_ptr, expected_cols = panel_plan_oracle(mask, panel)
     assert torch.equal(row_ptr.cpu(), expected_ptr)
@@ -125,7 +94,8 @@ def test_plan_panels_matches_definition(backend, device, shape, sparsity, panel)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("block", [1, 3, 16, 32, 64])
 def test_plan_blocks_matches_definition(backend, device, shape, sparsity, block):
-    mask = random_block_mask(*shape, block, sparsity, seed=hash((shape, sparsity, block)) % 2**31).to(device)
+    mask = random_block_mask(*shape, block, sparsity, hash((shape, sparsity, block)) % 2**31, inner_sparsity=0.1,
+                             device=device)
     row_ptr, cols = ops.plan_blocks(mask, block, backend=backend)
     expected_ptr, expected_cols = block_plan_oracle(mask, block)
     assert torch.equal(row_ptr.cpu(), expected_ptr)
@@ -134,7 +104,7 @@ def test_plan_blocks_matches_definition(backend, device, shape, sparsity, block)
 
 @pytest.mark.parametrize("backend,device", backends("plan_panels"))
 def test_plans_of_transposed_views(backend, device):
-    mask = random_mask(45, 70, 0.8, seed=3, device=device)
+    mask = random_mask((45, 70), 0.8, 3, device=device)
     for view in (mask.T, mask[::2, 1::3]):
         assert torch.equal(ops.plan_panels(view, 16, backend=backend)[1].cpu(), panel_plan_oracle(view, 16)[1])
         assert torch.equal(ops.plan_blocks(view, 16, backend=backend)[1].cpu(), block_plan_oracle(view, 16)[1])
@@ -148,7 +118,7 @@ def test_plans_of_transposed_views(backend, device):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_pack_and_unpack_panels(backend, device, shape, sparsity, transposed):
     n, k = shape
-    mask = random_mask(n, k, sparsity, seed=11, device=device)
+    mask = random_mask((n, k), sparsity, 11, device=device)
     weight = randn(n, k, seed=12, device=device)
     if transposed:  # the input gradient packs from w.T views
         mask, weight = mask.T, weight.T
@@ -167,7 +137,7 @@ def test_pack_and_unpack_panels(backend, device, shape, sparsity, transposed):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_pack_and_unpack_blocks(backend, device, shape, block, transposed):
     n, k = shape
-    mask = random_block_mask(n, k, block, 0.6, seed=13).to(device)
+    mask = random_block_mask(n, k, block, 0.6, 13, inner_sparsity=0.1).to(device)
     weight = randn(n, k, seed=14, device=device)
     weight[~mask] = float("inf")  # pruned entries must contribute nothing, not inf * 0
     if transposed:
@@ -206,7 +176,8 @@ PRODUCT_CASES = [  # (N, K, leading dims of x)
 
 
 def product_inputs(n, k, lead, dtype, sparsity, device, seed, block=None):
-    mask = (random_block_mask(n, k, block, sparsity, seed) if block else random_mask(n, k, sparsity, seed)).to(device)
+    mask = (random_block_mask(n, k, block, sparsity, seed, inner_sparsity=0.1) if block
+            else random_mask((n, k), sparsity, seed)).to(device)
     weight = randn(n, k, dtype=dtype, seed=seed + 1, device=device)
     x_wide = randn(*lead, 2 * k, dtype=dtype, seed=seed + 2, device=device)
     x = x_wide[..., ::2]  # non-contiguous
@@ -228,11 +199,11 @@ def test_panel_products(backend, device, case, sparsity, dtype):
     values = ops.pack_panels(weight, row_ptr, cols, 64, backend="reference")
     values_t = ops.pack_panels(weight.T, row_ptr_t, cols_t, 64, backend="reference")
     poison_allocator(y64.numel() * dtype.itemsize, device)
-    assert_close_to_float64(ops.spmm_panels(x, values, row_ptr, cols, 64, n, bias, backend=backend), y64, y)
-    assert_close_to_float64(ops.spmm_panels(grad_out, values_t, row_ptr_t, cols_t, 64, k, backend=backend), gx64, gx)
+    assert_close_to_float64(ops.spmm_panels(x, values, row_ptr, cols, 64, n, bias, backend=backend), y, y64)
+    assert_close_to_float64(ops.spmm_panels(grad_out, values_t, row_ptr_t, cols_t, 64, k, backend=backend), gx, gx64)
     packed_grad = ops.sddmm_panels(grad_out, x, row_ptr, cols, 64, backend=backend)
     unpacked = ops.unpack_panels(packed_grad.cpu(), row_ptr.cpu(), cols.cpu(), 64, n, k, backend="reference")
-    assert_close_to_float64(unpacked, gw64, gw)
+    assert_close_to_float64(unpacked, gw, gw64)
 
 
 @pytest.mark.parametrize("backend,device", backends("spmm_blocks"))
@@ -249,11 +220,11 @@ def test_block_products(backend, device, case, sparsity, dtype, block):
     values = ops.pack_blocks(weight, mask, row_ptr, cols, block, backend="reference")
     values_t = ops.pack_blocks(weight.T, mask.T, row_ptr_t, cols_t, block, backend="reference")
     poison_allocator(y64.numel() * dtype.itemsize, device)
-    assert_close_to_float64(ops.spmm_blocks(x, values, row_ptr, cols, n, bias, backend=backend), y64, y)
-    assert_close_to_float64(ops.spmm_blocks(grad_out, values_t, row_ptr_t, cols_t, k, backend=backend), gx64, gx)
+    assert_close_to_float64(ops.spmm_blocks(x, values, row_ptr, cols, n, bias, backend=backend), y, y64)
+    assert_close_to_float64(ops.spmm_blocks(grad_out, values_t, row_ptr_t, cols_t, k, backend=backend), gx, gx64)
     packed_grad = ops.sddmm_blocks(grad_out, x, mask, row_ptr, cols, block, backend=backend)
     unpacked = ops.unpack_blocks(packed_grad.cpu(), row_ptr.cpu(), cols.cpu(), n, k, backend="reference")
-    assert_close_to_float64(unpacked, gw64, gw)
+    assert_close_to_float64(unpacked, gw, gw64)
 
 
 @pytest.mark.parametrize("backend,device", backends("masked_mm"))
@@ -268,9 +239,9 @@ def test_bitmask_products(backend, device, case, sparsity, dtype):
     words, words_t = ops.pack_mask(mask), ops.pack_mask(mask.T)
     tiles = [t.to(device) for t in block_plan_oracle(mask, 64)]
     tiles_t = [t.to(device) for t in block_plan_oracle(mask.T, 64)]
-    assert_close_to_float64(ops.masked_mm(x, weight, words, *tiles, 64, bias, backend=backend), y64, y)
-    assert_close_to_float64(ops.masked_mm(grad_out, weight.T, words_t, *tiles_t, 64, backend=backend), gx64, gx)
-    assert_close_to_float64(ops.masked_sddmm(grad_out, x, words, *tiles, 64, backend=backend), gw64, gw)
+    assert_close_to_float64(ops.masked_mm(x, weight, words, *tiles, 64, bias, backend=backend), y, y64)
+    assert_close_to_float64(ops.masked_mm(grad_out, weight.T, words_t, *tiles_t, 64, backend=backend), gx, gx64)
+    assert_close_to_float64(ops.masked_sddmm(grad_out, x, words, *tiles, 64, backend=backend), gw, gw64)
 
 
 # --- the differentiable layer product ---
@@ -281,10 +252,10 @@ PLAN_KINDS = [("unstructured", None, "panels"), ("2:4", None, "panels"), ("block
 
 def plan_mask(layout, block, n, k, sparsity, seed):
     if layout == "block":
-        return random_block_mask(n, k, block, sparsity, seed)
+        return random_block_mask(n, k, block, sparsity, seed, inner_sparsity=0.1)
     if layout == "2:4":
         return ops.nm_mask(randn(n, k, seed=seed), 2, 4, backend="reference")
-    return random_mask(n, k, sparsity, seed)
+    return random_mask((n, k), sparsity, seed)
 
 
 @pytest.mark.parametrize("layout,block,kernel", PLAN_KINDS, ids=str)
@@ -314,7 +285,7 @@ def test_plan_linear_forward_and_backward(layout, block, kernel, grad_mode, spar
 
 
 def test_plan_repacks_only_when_the_weight_changes():
-    mask = random_mask(20, 40, 0.5, seed=61)
+    mask = random_mask((20, 40), 0.5, 61)
     weight = randn(20, 40, seed=62)
     plan = MaskPlan(mask, kernel="panels")
     first = plan.pack(weight)
@@ -329,7 +300,7 @@ def test_plan_repacks_only_when_the_weight_changes():
 @pytest.mark.parametrize("layout,block", [("unstructured", None), ("block", 16), ("block", 32)])
 def test_transposed_values_reordered_from_the_forward_ones_equal_a_fresh_pack(layout, block):
     n, k = 70, 45
-    mask = random_block_mask(n, k, block, 0.5, seed=68) if block else random_mask(n, k, 0.7, seed=68)
+    mask = random_block_mask(n, k, block, 0.5, 68, inner_sparsity=0.1) if block else random_mask((n, k), 0.7, 68)
     weight = randn(n, k, seed=69)
     plan = MaskPlan(mask, layout, block=block)
     plan.pack(weight)  # the forward's values are current: the reordering path
@@ -342,7 +313,7 @@ def test_transposed_values_reordered_from_the_forward_ones_equal_a_fresh_pack(la
 
 
 def test_stale_plan_is_detected():
-    mask = random_mask(20, 40, 0.5, seed=63)
+    mask = random_mask((20, 40), 0.5, 63)
     plan = MaskPlan(mask, kernel="panels")
     weight, x = randn(20, 40, seed=64), randn(3, 40, seed=65)
     plan.linear(x, weight)
@@ -350,7 +321,7 @@ def test_stale_plan_is_detected():
     with pytest.raises(ValueError, match="modified in place"):
         plan.linear(x, weight)
     with pytest.raises(ValueError, match="another mask"):
-        MaskPlan(random_mask(20, 40, 0.5, seed=66), kernel="panels").check(mask)
+        MaskPlan(random_mask((20, 40), 0.5, 66), kernel="panels").check(mask)
     with pytest.raises(ValueError, match="shape"):
         MaskPlan(mask, kernel="panels").linear(x, randn(21, 40))
 
@@ -364,7 +335,7 @@ def test_stale_plan_is_detected():
 ])
 def test_plan_rejects_bad_layouts(arguments, match):
     with pytest.raises(ValueError, match=match):
-        MaskPlan(random_mask(8, 16, 0.5, seed=67), **arguments)
+        MaskPlan(random_mask((8, 16), 0.5, 67), **arguments)
 
 
 def test_two_four_layout_checks_the_pattern():
@@ -377,7 +348,7 @@ def test_two_four_layout_checks_the_pattern():
 # --- bad input, alike on every backend ---
 
 def _panel_args(device):
-    mask = random_mask(6, 10, 0.5, seed=71, device=device)
+    mask = random_mask((6, 10), 0.5, 71, device=device)
     row_ptr, cols = (t.to(device) for t in panel_plan_oracle(mask, 4))
     weight = randn(6, 10, device=device)
     values = weight[mask]
@@ -422,7 +393,7 @@ def test_bad_plan_inputs(backend, device):
 
 @pytest.mark.parametrize("backend,device", backends("spmm_blocks"))
 def test_bad_block_inputs(backend, device):
-    mask = random_block_mask(10, 12, 4, 0.5, seed=72).to(device)
+    mask = random_block_mask(10, 12, 4, 0.5, 72, inner_sparsity=0.1).to(device)
     row_ptr, cols = (t.to(device) for t in block_plan_oracle(mask, 4))
     weight = randn(10, 12, device=device)
     values = ops.pack_blocks(weight, mask, row_ptr, cols, 4, backend="reference")
@@ -437,7 +408,7 @@ def test_bad_block_inputs(backend, device):
 
 @pytest.mark.gpu
 def test_conv2d_panels_on_cuda_runs_the_reference():
-    mask = random_mask(6, 27, 0.5, seed=91)
+    mask = random_mask((6, 27), 0.5, 91)
     weight, x, bias = randn(6, 27, seed=92), randn(2, 3, 7, 9, seed=93), randn(6, seed=94)
     row_ptr, cols = ops.plan_panels(mask.cuda(), 8)
     values = ops.pack_panels(weight.cuda(), row_ptr, cols, 8)
@@ -450,7 +421,7 @@ def test_conv2d_panels_on_cuda_runs_the_reference():
 # --- op contracts ---
 
 def _opcheck_samples():
-    mask = random_mask(9, 20, 0.6, seed=81)
+    mask = random_mask((9, 20), 0.6, 81)
     weight, x, grad_out = randn(9, 20, seed=82), randn(3, 20, seed=83), randn(3, 9, seed=84)
     bias = randn(9, seed=85)
     row_ptr, cols = panel_plan_oracle(mask, 8)
@@ -495,13 +466,13 @@ def test_opcheck(op):
 
 
 def test_linear_compiles_fullgraph():
-    mask = random_mask(24, 40, 0.7, seed=91)
+    mask = random_mask((24, 40), 0.7, 91)
     weight = randn(24, 40, seed=92).requires_grad_()
     bias = randn(24, seed=93).requires_grad_()
     x = randn(5, 40, seed=94).requires_grad_()
     for kernel, layout, block in (("panels", "unstructured", None), ("blocks", "block", 16)):
-        plan = MaskPlan(mask if kernel == "panels" else random_block_mask(24, 40, 16, 0.5, 95), layout,
-                        block=block, kernel=kernel)
+        kernel_mask = mask if kernel == "panels" else random_block_mask(24, 40, 16, 0.5, 95, inner_sparsity=0.1)
+        plan = MaskPlan(kernel_mask, layout, block=block, kernel=kernel)
         for grad_mode in ("feedback", "masked"):
             def loss(x, weight, bias):
                 return plan.linear(x, weight, bias, grad_mode).square().sum()

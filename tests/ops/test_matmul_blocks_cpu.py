@@ -10,20 +10,16 @@ import torch
 from dynasparse import ops
 from dynasparse.ops import matmul as matmul_ops
 from dynasparse.reference import matmul as reference
-from tests.helpers import poison_allocator
+from tests.helpers import poison_allocator, random_block_mask
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BLOCKS = [1, 3, 16, 32, 64]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 
 
-def random_mask(n, k, block, sparsity, element_level, generator):
-    """Whole blocks kept at random, or (element_level) a random subset of each kept block's elements."""
-    kept = torch.rand(-(-n // block), -(-k // block), generator=generator) >= sparsity
-    mask = kept.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
-    if element_level:
-        mask &= torch.rand(n, k, generator=generator) < 0.3
-    return mask
+def block_mask(n, k, block, sparsity, element_level, generator):
+    """Whole blocks kept at random, or (element_level) a random 30% of each kept block's elements."""
+    return random_block_mask(n, k, block, sparsity, generator, inner_sparsity=0.7 if element_level else 0.0)
 
 
 def weight_with_pruned_garbage(n, k, mask, dtype, generator):
@@ -57,7 +53,7 @@ def assert_within_torch_error(ours, exact, torch_result, scale, dtype):
 def test_plan_and_pack_match_reference(block, sparsity, element_level, poisoned_empty):
     generator = torch.Generator().manual_seed(hash((block, sparsity, element_level)) % 2**31)
     n, k = 3 * block + 5, 2 * block + 7
-    mask = random_mask(n, k, block, sparsity, element_level, generator)
+    mask = block_mask(n, k, block, sparsity, element_level, generator)
     weight = weight_with_pruned_garbage(n, k, mask, torch.float32, generator)
     # Row-major, the transposed views the input-gradient plan packs from, and a general stride.
     for w, m in [(weight, mask), (weight.T, mask.T), (weight[:, ::2], mask[:, ::2])]:
@@ -86,7 +82,7 @@ def test_plan_is_exact_on_a_sparse_element_mask():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pack_every_dtype_bit_identical(dtype):
     generator = torch.Generator().manual_seed(3)
-    mask = random_mask(37, 50, 16, 0.5, True, generator)
+    mask = block_mask(37, 50, 16, 0.5, True, generator)
     weight = weight_with_pruned_garbage(37, 50, mask, dtype, generator)
     weight[mask & (torch.rand(37, 50, generator=generator) < 0.1)] = -0.0  # the sign of a kept zero survives
     row_ptr, cols = ops.plan_blocks(mask, 16, backend="cpu")
@@ -153,7 +149,7 @@ def check_spmm(x, weight, mask, block, bias, dtype):
 def test_spmm_fp32_forward_and_input_gradient(block, sparsity, element_level, poisoned_empty):
     generator = torch.Generator().manual_seed(hash((block, sparsity, element_level, "spmm")) % 2**31)
     n, k = 2 * block + 3, 3 * block + 5  # odd, not multiples of b nor of the vector width
-    mask = random_mask(n, k, block, sparsity, element_level, generator)
+    mask = block_mask(n, k, block, sparsity, element_level, generator)
     weight = weight_with_pruned_garbage(n, k, mask, torch.float32, generator)
     for leading in [(0,), (1,), (5,), (3, 43)]:  # small-batch path, batch tails, 129 rows
         x = torch.randn(*leading, k, generator=generator)
@@ -169,7 +165,7 @@ def test_spmm_fp32_forward_and_input_gradient(block, sparsity, element_level, po
 def test_spmm_every_dtype_strided_x(dtype, block, poisoned_empty):
     generator = torch.Generator().manual_seed(hash((dtype, block)) % 2**31)
     n, k = 70, 45
-    mask = random_mask(n, k, block, 0.5, True, generator)
+    mask = block_mask(n, k, block, 0.5, True, generator)
     weight = weight_with_pruned_garbage(n, k, mask, dtype, generator)
     bias = torch.randn(n, generator=generator).to(dtype)
     for rows in [1, 7, 8, 50]:
@@ -180,7 +176,7 @@ def test_spmm_every_dtype_strided_x(dtype, block, poisoned_empty):
 
 def test_spmm_is_independent_of_thread_count():
     generator = torch.Generator().manual_seed(5)
-    mask = random_mask(300, 260, 32, 0.5, False, generator)
+    mask = block_mask(300, 260, 32, 0.5, False, generator)
     values, row_ptr, cols = plan_of(torch.randn(300, 260, generator=generator), mask, 32)
     x = torch.randn(77, 260, generator=generator)
     grad_out = torch.randn(77, 300, generator=generator)
@@ -213,7 +209,7 @@ def check_sddmm(grad_out, x, mask, block, dtype):
 def test_sddmm_fp32(block, sparsity, element_level, poisoned_empty):
     generator = torch.Generator().manual_seed(hash((block, sparsity, element_level, "sddmm")) % 2**31)
     n, k = 3 * block + 5, 2 * block + 3
-    mask = random_mask(n, k, block, sparsity, element_level, generator)
+    mask = block_mask(n, k, block, sparsity, element_level, generator)
     for leading in [(0,), (1,), (5,), (2, 64)]:
         grad_out = torch.randn(*leading, n, generator=generator)
         x = torch.randn(*leading, k, generator=generator)
@@ -223,7 +219,7 @@ def test_sddmm_fp32(block, sparsity, element_level, poisoned_empty):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sddmm_every_dtype_strided_inputs_and_mask(dtype, poisoned_empty):
     generator = torch.Generator().manual_seed(hash(dtype) % 2**31)
-    mask = random_mask(50, 70, 16, 0.5, True, generator)
+    mask = block_mask(50, 70, 16, 0.5, True, generator)
     grad_out = torch.randn(2 * 50, 33, generator=generator).to(dtype).T[:, ::2]
     x = torch.randn(33, 70, generator=generator).to(dtype)
     check_sddmm(grad_out, x, mask, 16, dtype)
@@ -262,7 +258,7 @@ def test_bad_inputs_raise_the_shared_errors():
 
 def opcheck_args():
     generator = torch.Generator().manual_seed(8)
-    mask = random_mask(37, 50, 16, 0.5, True, generator)
+    mask = block_mask(37, 50, 16, 0.5, True, generator)
     weight = torch.randn(37, 50, generator=generator)
     row_ptr, cols = reference.plan_blocks(mask, 16)
     values = reference.pack_blocks(weight, mask, row_ptr, cols, 16)
@@ -288,7 +284,7 @@ def test_opcheck(case):
 # tensors with a ShapeEnv (test_faketensor, test_aot_dispatch_dynamic) handle it, but
 # test_aot_dispatch_static traces without one and raises DynamicOutputShapeException.
 def test_opcheck_plan_blocks_all_but_static_aot():
-    mask = random_mask(37, 50, 16, 0.5, True, torch.Generator().manual_seed(9))
+    mask = block_mask(37, 50, 16, 0.5, True, torch.Generator().manual_seed(9))
     for overload in matmul_ops._plan_blocks.overloads():
         torch.library.opcheck(overload, (mask, 16), test_utils=(
             "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -58,7 +58,7 @@ def seed_of(*parts):
     return zlib.crc32(repr(parts).encode())
 
 
-def random_mask(n, k, sparsity, generator, device="cuda"):
+def exact_count_mask(n, k, sparsity, generator, device="cuda"):
     """Exactly round(sparsity * n * k) zeros at random positions (0 and 1 give full/empty)."""
     active = n * k - round(sparsity * n * k)
     mask = torch.zeros(n * k, dtype=torch.bool)
@@ -118,7 +118,7 @@ PANELS = [1, 7, 32, 100, 373, 65536]
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_plan_panels_matches_the_reference(shape, sparsity):
     generator = torch.Generator().manual_seed(seed_of(shape, sparsity))
-    mask = random_mask(*shape, sparsity, generator)
+    mask = exact_count_mask(*shape, sparsity, generator)
     for panel in PANELS + [min(shape[1], 65536)]:
         if panel == 1 and shape[0] * shape[1] > 20000:
             continue  # a segment per element: covered by the smaller shapes
@@ -129,7 +129,7 @@ def test_plan_panels_matches_the_reference(shape, sparsity):
 @gpu
 def test_plan_panels_of_strided_and_empty_masks():
     generator = torch.Generator().manual_seed(1)
-    base = random_mask(90, 150, 0.7, generator)
+    base = exact_count_mask(90, 150, 0.7, generator)
     views = {"transposed": base.T, "sliced": base[3::2, 1::3], "expanded": base[:1].expand(40, 150),
              "empty rows": base[:0], "empty columns": base[:, :0], "empty": base[:0, :0]}
     for name, mask in views.items():
@@ -154,7 +154,7 @@ def test_plan_panels_column_offsets_use_all_16_bits():
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_plan_blocks_matches_the_reference(shape, sparsity):
     generator = torch.Generator().manual_seed(seed_of(shape, sparsity, "blocks"))
-    mask = random_mask(*shape, sparsity, generator)
+    mask = exact_count_mask(*shape, sparsity, generator)
     for block in (1, 2, 3, 16, 64, 1000, 2**40):
         expected = reference.plan_blocks(mask.cpu(), block) if block < 2**40 else reference.plan_blocks(
             mask.cpu(), max(shape))  # one block either way; the reference would pad to 2**40
@@ -165,7 +165,7 @@ def test_plan_blocks_matches_the_reference(shape, sparsity):
 @gpu
 def test_plan_blocks_of_strided_and_empty_masks():
     generator = torch.Generator().manual_seed(2)
-    base = random_mask(90, 150, 0.97, generator)
+    base = exact_count_mask(90, 150, 0.97, generator)
     views = {"transposed": base.T, "sliced": base[3::2, 1::3], "expanded": base[:1].expand(40, 150),
              "empty rows": base[:0], "empty columns": base[:, :0], "empty": base[:0, :0]}
     for name, mask in views.items():
@@ -177,7 +177,7 @@ def test_plan_blocks_of_strided_and_empty_masks():
 @gpu
 def test_plans_overwrite_poisoned_memory():
     generator = torch.Generator().manual_seed(3)
-    mask = random_mask(70, 333, 0.8, generator)
+    mask = exact_count_mask(70, 333, 0.8, generator)
     for _ in range(2):
         poison_allocator(1 << 20, "cuda")
         assert_plans_equal(ops.plan_panels(mask, 64, backend="cuda"), cpu_plan(mask, 64), "poisoned plan_panels")
@@ -195,7 +195,7 @@ def test_plans_overwrite_poisoned_memory():
 def test_pack_and_unpack_move_values_exactly(dtype, panel):
     generator = torch.Generator().manual_seed(4)
     for n, k, sparsity in [(1, 1, 0.0), (37, 100, 0.9), (300, 129, 0.5), (20, 500, 1.0), (0, 5, 0.5), (5, 0, 0.5)]:
-        mask = random_mask(n, k, sparsity, generator)
+        mask = exact_count_mask(n, k, sparsity, generator)
         weight = random_values((n, k), dtype, generator)
         weight_t = random_values((k, n), dtype, generator).T  # the strided view packed for w.T
         row_ptr, cols = ops.plan_panels(mask, panel, backend="cuda")
@@ -216,7 +216,7 @@ def test_pack_and_unpack_move_values_exactly(dtype, panel):
 @gpu
 def test_unpack_reads_non_contiguous_values():
     generator = torch.Generator().manual_seed(5)
-    mask = random_mask(30, 40, 0.5, generator)
+    mask = exact_count_mask(30, 40, 0.5, generator)
     row_ptr, cols = ops.plan_panels(mask, 16, backend="cuda")
     values = random_values((cols.numel(), 2), torch.float32, generator)[:, 1]
     dense = ops.unpack_panels(values, row_ptr, cols, 16, 30, 40, backend="cuda")
@@ -254,7 +254,7 @@ def spmm_expected(x, weight_dense, bias):
 def test_spmm_panels_matches_float64_reference(dtype, sparsity, shape):
     lead, n, k = shape
     generator = torch.Generator().manual_seed(seed_of(shape, sparsity, str(dtype)))
-    mask = random_mask(n, k, sparsity, generator)
+    mask = exact_count_mask(n, k, sparsity, generator)
     weight = random_values((n, k), dtype, generator)
     x = random_values((*lead, k), dtype, generator)
     bias = random_values((n,), dtype, generator)
@@ -279,7 +279,7 @@ def test_spmm_panels_matches_float64_reference(dtype, sparsity, shape):
 def test_spmm_panels_reads_non_contiguous_operands(dtype):
     generator = torch.Generator().manual_seed(6)
     n, k = 70, 450
-    mask = random_mask(n, k, 0.9, generator)
+    mask = exact_count_mask(n, k, 0.9, generator)
     weight = random_values((n, k), dtype, generator)
     row_ptr, cols = ops.plan_panels(mask, 200, backend="cuda")
     values = ops.pack_panels(weight, row_ptr, cols, 200, backend="cuda")
@@ -317,7 +317,7 @@ def sddmm_expected(grad_out, x, mask):
 def test_sddmm_panels_matches_float64_reference(dtype, sparsity, shape):
     lead, n, k = shape
     generator = torch.Generator().manual_seed(seed_of(shape, sparsity, str(dtype), "sddmm"))
-    mask = random_mask(n, k, sparsity, generator)
+    mask = exact_count_mask(n, k, sparsity, generator)
     grad_out = random_values((*lead, n), dtype, generator)
     x = random_values((*lead, k), dtype, generator)
     dense_expected, dense_bound = sddmm_expected(grad_out, x, mask)
@@ -340,7 +340,7 @@ def test_sddmm_panels_matches_float64_reference(dtype, sparsity, shape):
 def test_sddmm_panels_reads_non_contiguous_operands_and_long_batches(dtype):
     generator = torch.Generator().manual_seed(7)
     n, k = 300, 500
-    mask = random_mask(n, k, 0.95, generator)
+    mask = exact_count_mask(n, k, 0.95, generator)
     grad_out = random_values((n, 1000), dtype, generator).T  # (1000, n) column-major
     x = random_values((2, 1000, k), dtype, generator)[1]
     row_ptr, cols = ops.plan_panels(mask, k, backend="cuda")
@@ -355,7 +355,7 @@ def test_sddmm_panels_reads_non_contiguous_operands_and_long_batches(dtype):
 @gpu
 def test_products_are_deterministic():
     generator = torch.Generator().manual_seed(8)
-    mask = random_mask(300, 900, 0.9, generator)
+    mask = exact_count_mask(300, 900, 0.9, generator)
     weight = random_values((300, 900), torch.float32, generator)
     x = random_values((500, 900), torch.float32, generator)
     grad_out = random_values((500, 300), torch.float32, generator)
@@ -373,7 +373,7 @@ def test_input_gradient_runs_on_the_plan_of_the_transposed_mask():
     """grad_input = grad_out @ (w * m): the forward kernel over plan(m.T) with values packed from w.T."""
     generator = torch.Generator().manual_seed(9)
     n, k = 130, 410
-    mask = random_mask(n, k, 0.9, generator)
+    mask = exact_count_mask(n, k, 0.9, generator)
     weight = random_values((n, k), torch.float32, generator)
     grad_out = random_values((4, 6, n), torch.float32, generator)
     plan_t = ops.plan_panels(mask.T, 65536, backend="cuda")
@@ -574,7 +574,7 @@ def test_cuda_kernels_run_on_the_current_stream():
 
 def opcheck_args():
     generator = torch.Generator().manual_seed(12)
-    mask = random_mask(9, 13, 0.6, generator)
+    mask = exact_count_mask(9, 13, 0.6, generator)
     row_ptr, cols = ops.plan_panels(mask, 5, backend="cuda")
     weight = random_values((9, 13), torch.float32, generator)
     values = ops.pack_panels(weight, row_ptr, cols, 5, backend="cuda")
@@ -609,7 +609,7 @@ def test_opcheck_every_overload(case):
 def test_compiles_fullgraph():
     torch._dynamo.reset()
     generator = torch.Generator().manual_seed(13)
-    mask = random_mask(40, 70, 0.8, generator)
+    mask = exact_count_mask(40, 70, 0.8, generator)
     weight = random_values((40, 70), torch.float32, generator)
     x = random_values((5, 70), torch.float32, generator)
     row_ptr, cols = ops.plan_panels(mask, 65536, backend="cuda")

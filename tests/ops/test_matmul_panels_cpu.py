@@ -9,7 +9,7 @@ import torch
 from dynasparse import ops
 from dynasparse.ops import matmul as matmul_ops
 from dynasparse.reference import matmul as reference
-from tests.helpers import assert_close_to_float64, poison_allocator
+from tests.helpers import assert_close_to_float64, poison_allocator, random_mask
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # 1 and 7: many tiny panels; 128 and the default 256: several 64-column mask words per panel.
@@ -19,10 +19,6 @@ SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 
 def generator_for(*key):
     return torch.Generator().manual_seed(hash(key) % 2**31)
-
-
-def random_mask(n, k, sparsity, generator):
-    return torch.rand(n, k, generator=generator) >= sparsity
 
 
 def masked(weight, mask):
@@ -37,7 +33,7 @@ def plan(mask, panel):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("shape", [(37, 301), (1, 1), (5, 64), (3, 129), (0, 7), (7, 0)], ids=str)
 def test_plan_equals_reference(shape, sparsity, panel):
-    mask = random_mask(*shape, sparsity, generator_for(shape, sparsity, panel))
+    mask = random_mask(shape, sparsity, generator_for(shape, sparsity, panel))
     row_ptr, cols = plan(mask, panel)
     expected_ptr, expected_cols = reference.plan_panels(mask, panel)
     assert row_ptr.dtype == torch.int64 and cols.dtype == torch.int16
@@ -47,7 +43,7 @@ def test_plan_equals_reference(shape, sparsity, panel):
 @pytest.mark.parametrize("panel", [7, 128, 65536])
 def test_plan_of_strided_masks(panel):
     generator = generator_for("strided", panel)
-    mask = random_mask(41, 70000, 0.9, generator) if panel == 65536 else random_mask(301, 37, 0.5, generator)
+    mask = random_mask((41, 70000), 0.9, generator) if panel == 65536 else random_mask((301, 37), 0.5, generator)
     for view in (mask.T, mask[::2, 1::3]):
         row_ptr, cols = plan(view, panel)
         expected_ptr, expected_cols = reference.plan_panels(view.contiguous(), panel)
@@ -67,7 +63,7 @@ def test_offsets_above_32767_keep_their_bit_pattern():
 @pytest.mark.parametrize("transposed", [False, True], ids=["w", "w.T"])
 def test_pack_and_unpack_are_exact(dtype, panel, transposed):
     generator = generator_for("pack", dtype, panel, transposed)
-    mask = random_mask(37, 301, 0.5, generator)
+    mask = random_mask((37, 301), 0.5, generator)
     weight = torch.randn(37, 301, generator=generator).to(dtype)
     if transposed:  # the input gradient's plan: m.T, values from the w.T view
         mask, weight = mask.T, weight.T
@@ -84,7 +80,7 @@ def test_pack_and_unpack_are_exact(dtype, panel, transposed):
 
 def product_case(n, k, sparsity, panel, dtype, key):
     generator = generator_for(n, k, sparsity, panel, dtype, key)
-    mask = random_mask(n, k, sparsity, generator)
+    mask = random_mask((n, k), sparsity, generator)
     weight = torch.randn(n, k, generator=generator)
     row_ptr, cols = plan(mask, panel)
     values = ops.pack_panels(weight.to(dtype), row_ptr, cols, panel, backend="cpu")
@@ -124,7 +120,7 @@ def test_spmm_matches_float64(dtype, panel, sparsity):
 def test_input_gradient_over_the_transposed_plan(dtype, panel):
     n, k = 45, 260
     generator = generator_for("grad_input", dtype, panel)
-    mask = random_mask(n, k, 0.9, generator)
+    mask = random_mask((n, k), 0.9, generator)
     weight = torch.randn(n, k, generator=generator).to(dtype)
     row_ptr, cols = plan(mask.T, panel)
     values = ops.pack_panels(weight.T, row_ptr, cols, panel, backend="cpu")
@@ -160,7 +156,7 @@ def test_rows_without_nonzeros_and_wide_rows_across_threads():
     bitwise the same (the summation order does not depend on the split)."""
     n, k, panel = 1100, 700, 128
     generator = generator_for("threads")
-    mask = random_mask(n, k, 0.7, generator)
+    mask = random_mask((n, k), 0.7, generator)
     mask[::3] = False
     mask[1::7] = True
     weight = torch.randn(n, k, generator=generator)
@@ -193,7 +189,7 @@ def test_sddmm_of_an_empty_batch_is_zero():
 
 
 def small_plan(panel=4):
-    mask = random_mask(6, 10, 0.5, generator_for("small"))
+    mask = random_mask((6, 10), 0.5, generator_for("small"))
     row_ptr, cols = plan(mask, panel)
     return mask, row_ptr, cols
 
