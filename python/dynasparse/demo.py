@@ -10,7 +10,8 @@ what is missing). It prints a table (test accuracy mean and std, final sparsity,
 update early and late, weights ever re-activated, time per run) and the DPF paper's claims with
 their verdicts, writes demo.md (the claims table), demo.json (every number) and
 demo-accuracy.png to --out, and ends with the speed of a 4096-wide sparse linear layer at 90%
-against dense (the `nn` benchmark cases' workloads, timed by the benchmark harness).
+against dense (the `nn` benchmark cases' workloads, timed by the benchmark harness), and of the
+demo's own 1-D CNN at 90% (training step and inference; kernels pinned and backend="auto").
 Deterministic per seed on the CPU. `--data digits`: the digits CNN on scikit-learn's digits.
 """
 
@@ -49,6 +50,25 @@ def speed_section(device: torch.device, *, quick: bool, features: int = 4096) ->
         sparse = measure(variants["dynasparse"], sync=sync, target_s=target_s)
         results.append({"mode": mode, "dense_ms": dense.median_ms, "sparse_ms": sparse.median_ms,
                         "ratio": dense.median_ms / sparse.median_ms})
+    return results
+
+
+def model_speed(device: torch.device, *, quick: bool) -> list[dict]:
+    """The demo's own 1-D CNN at 90%: one training step (batch 64) and inference, dense against
+    the kernels and against backend="auto" (the `models` benchmark cases' workloads)."""
+    from dynasparse.bench.harness import measure, synchronizer
+    from dynasparse.bench.model_cases import model_workload
+
+    sync = synchronizer(device)
+    target_s = 0.2 if quick else 1.0
+    results = []
+    for mode in ("train", "inference"):
+        baseline, variants = model_workload(device, model="cnn1d", mode=mode, sparsity=0.9, layout="unstructured")
+        dense = measure(baseline, sync=sync, target_s=target_s).median_ms
+        sparse = measure(variants["dynasparse"], sync=sync, target_s=target_s).median_ms
+        auto = measure(variants["dynasparse-auto"], sync=sync, target_s=target_s).median_ms
+        results.append({"mode": mode, "dense_ms": dense, "sparse_ms": sparse, "auto_ms": auto,
+                        "ratio": dense / sparse, "auto_ratio": dense / auto})
     return results
 
 
@@ -158,6 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for entry in speed:
             print(f"  {entry['mode']:<15} dense {entry['dense_ms']:8.2f} ms  sparse {entry['sparse_ms']:8.2f} ms  "
                   f"ratio {entry['ratio']:.2f}x")
+        print("speed: the demo's 1-D CNN at 90% (batch 64), vs the dense CNN; kernels pinned, and backend='auto' "
+              "(each layer call the faster of the kernels and dense on w * m)")
+        cnn_speed = model_speed(device, quick=args.quick)
+        for entry in cnn_speed:
+            print(f"  {entry['mode']:<15} dense {entry['dense_ms']:8.2f} ms  sparse {entry['sparse_ms']:8.2f} ms  "
+                  f"ratio {entry['ratio']:.2f}x  auto {entry['auto_ms']:8.2f} ms  ratio {entry['auto_ratio']:.2f}x")
+        speed = speed + [{**entry, "mode": f"cnn1d-{entry['mode']}"} for entry in cnn_speed]
     report.numbers.update(device=str(device), torch=torch.__version__, training_threads=args.threads,
                           speed_threads=default_threads, steps=spec.steps, seeds=seeds, training_seconds=training_s,
                           trained_now=population.computed, load_average=_load_average(),

@@ -120,3 +120,36 @@ def test_demo_refuses_an_unwritable_out_before_training(monkeypatch, capsys, tmp
     blocker.write_text("not a folder")
     out = blocker if where == "file" else blocker / "demo"
     _refuses_before_training(monkeypatch, capsys, ["--out", str(out)], "cannot write the results there")
+
+
+def test_model_speed_times_the_demos_cnn_dense_sparse_and_auto(monkeypatch):
+    """Both modes time the dense CNN, the kernels-pinned copy and the auto copy: a fake
+    `harness.measure` records the backends of the sparse layers each timed call ran."""
+    from dynasparse.bench import harness
+    from dynasparse.nn.modules import SPARSE_MODULES
+
+    ran = []
+    original = nn.Module.__call__
+
+    def call(self, *args, **kwargs):
+        if isinstance(self, SPARSE_MODULES):
+            ran.append(self.backend)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "__call__", call)
+    medians = iter([8.0, 4.0, 2.0, 6.0, 3.0, 1.0])
+
+    def fake_measure(fn, *, sync, target_s):
+        ran.clear()
+        fn()
+        median = next(medians)
+        timed.append((set(ran), median))
+        return harness.Timing(median, median, 0.0, 1, 1)
+
+    timed = []
+    monkeypatch.setattr(harness, "measure", fake_measure)
+    results = demo.model_speed(torch.device("cpu"), quick=True)
+    assert [entry["mode"] for entry in results] == ["train", "inference"]
+    assert [backends for backends, _ in timed] == [set(), {"sparse"}, {"auto"}] * 2
+    assert (results[0]["ratio"], results[0]["auto_ratio"]) == (2.0, 4.0)
+    assert (results[1]["ratio"], results[1]["auto_ratio"]) == (2.0, 6.0)

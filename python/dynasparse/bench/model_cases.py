@@ -3,6 +3,7 @@ by `dynasparse.sparsify` against the same dense model in the same run.
 
 Models: the ResNet-style CIFAR net (`experiments.models.resnet`, depth 8, width 64: stages of
 64, 128 and 256 channels, 32 x 32 inputs, batch 32), the digits CNN (8 x 8 inputs, batch 64),
+the demo's 1-D CNN (`experiments.models.cnn1d` on MNIST-1D's 40 samples, batch 64),
 and with transformers installed BERT-base width and GPT-2 small width with 4 layers each
 (batch 8 x 128 tokens). Every layer sparsify converts is pruned by magnitude, except the
 first convolution and the classifier of the CNNs (their `dense_layers`).
@@ -39,6 +40,8 @@ TOKENS = (8, 128)  # batch, sequence length of the transformer cases
 def _cnn(name: str):
     if name == "resnet":
         return models.resnet((3, 32, 32), 10, depth=8, width=64), torch.randn(32, 3, 32, 32)
+    if name == "cnn1d":
+        return models.cnn1d((1, 40), 10), torch.randn(64, 1, 40)
     return models.digits_cnn((1, 8, 8), 10), torch.randn(64, 1, 8, 8)
 
 
@@ -99,7 +102,7 @@ def _same_shape(output, expected):
 
 
 def _register() -> None:
-    names = ["resnet", "digits-cnn"]
+    names = ["resnet", "digits-cnn", "cnn1d"]
     if importlib.util.find_spec("transformers") is not None:
         names += ["bert4", "gpt2-4"]
     for model in names:
