@@ -307,10 +307,14 @@ at::Tensor conv2d_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in
 #if DYNASPARSE_X86
   // The tile builder's lane offsets inside one channel plane are int32.
   const bool plane_fits_int32 = s.height * s.width <= std::numeric_limits<int32_t>::max();
-  if (x.scalar_type() == at::kFloat && has_avx512() && plane_fits_int32) {
-    conv_float_avx512(check, s, x.const_data_ptr<float>(), values.const_data_ptr<float>(), starts, offsets, panel,
-                      bias.defined() ? bias.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+  if (runs_in_float(x.scalar_type()) && has_avx512() && plane_fits_int32) {
+    const at::Tensor x_float = as_float(x), values_float = as_float(values), bias_float = as_float(bias);
+    at::Tensor y_float = x.scalar_type() == at::kFloat ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
+    conv_float_avx512(check, s, x_float.const_data_ptr<float>(), values_float.const_data_ptr<float>(), starts,
+                      offsets, panel, bias_float.defined() ? bias_float.const_data_ptr<float>() : nullptr,
+                      y_float.data_ptr<float>());
     check.finish();
+    if (!y_float.is_same(y)) y.copy_(y_float);
     return y;
   }
 #endif

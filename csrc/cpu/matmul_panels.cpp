@@ -553,10 +553,13 @@ at::Tensor spmm_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
-  if (x.scalar_type() == at::kFloat && has_avx512()) {
-    spmm_float_avx512(check, x, values.const_data_ptr<float>(), starts, offsets, panel, n,
-                      bias.defined() ? bias.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+  if (runs_in_float(x.scalar_type()) && has_avx512()) {
+    const at::Tensor x_float = as_float(x), values_float = as_float(values), bias_float = as_float(bias);
+    at::Tensor y_float = x.scalar_type() == at::kFloat ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
+    spmm_float_avx512(check, x_float, values_float.const_data_ptr<float>(), starts, offsets, panel, n,
+                      bias_float.defined() ? bias_float.const_data_ptr<float>() : nullptr, y_float.data_ptr<float>());
     check.finish();
+    if (!y_float.is_same(y)) y.copy_(y_float);
     return y.view(out_sizes);
   }
 #endif
@@ -582,9 +585,12 @@ at::Tensor sddmm_panels_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_i
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
-  if (x.scalar_type() == at::kFloat && has_avx512()) {
-    sddmm_float_avx512(check, grad_out, x, starts, offsets, panel, values.data_ptr<float>());
+  if (runs_in_float(x.scalar_type()) && has_avx512()) {
+    at::Tensor values_float =
+        x.scalar_type() == at::kFloat ? values : at::empty(values.sizes(), values.options().dtype(at::kFloat));
+    sddmm_float_avx512(check, as_float(grad_out), as_float(x), starts, offsets, panel, values_float.data_ptr<float>());
     check.finish();
+    if (!values_float.is_same(values)) values.copy_(values_float);
     return values;
   }
 #endif
