@@ -12,13 +12,15 @@ from dynasparse.nn import SparseConv2d, SparseLinear
 from tests.pruning.tiny import build, checkpoint, masks_of, tiny_model, topk_reference, train
 
 NAMES = ["dpf", "oneshot", "gradual", "random", "rigl", "set", "snip", "dnw", "imp", "rigl_frozen", "dnw_frozen",
-         "dpf_structured"]
+         "dpf_structured", "vd"]
+# The target sparsity each algorithm is created with (VD takes none: its threshold decides).
+SPARSITY = {"vd": 0.0}
 # Options small enough for 16 steps; the resume point 11 falls between updates, before a RigL
 # dense-gradient step (12), an IMP round (12) and the DNW freeze (13).
 RUN_OPTIONS = {"dpf": {"update_every": 4}, "gradual": {"update_every": 4}, "rigl": {"update_every": 4},
                "set": {"update_every": 4}, "imp": {"rewind_step": 1, "round_steps": 3},
                "rigl_frozen": {"update_every": 3, "freeze_after": 12}, "dnw_frozen": {"freeze_after": 13},
-               "dpf_structured": {"update_every": 4}}
+               "dpf_structured": {"update_every": 4}, "vd": {"update_every": 4}}
 
 
 def test_available_lists_every_algorithm_with_one_line():
@@ -41,7 +43,7 @@ def test_every_documented_option_is_accepted_with_its_default(name):
         given["update_every"] = 5  # the default period (100) is longer than this freeze
     model = tiny_model()
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    pruner = pruning.create(name, model, sparsity=0.5, total_steps=100, **given)
+    pruner = pruning.create(name, model, sparsity=SPARSITY.get(name, 0.5), total_steps=100, **given)
     assert isinstance(pruner, pruning.registry.entry(name).cls) and not pruner.initialized
     # construction replaces the layers but changes no mask and no weight
     assert all(bool(layer.mask.all()) for layer in pruner.layers.values())
@@ -213,18 +215,21 @@ def test_weight_grad_and_update_rule_settings():
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_at_an_arbitrary_step_is_bit_identical(name):
     steps, stop = 16, 11
-    model, optimizer, pruner = build(name, 5, total_steps=steps, **RUN_OPTIONS.get(name, {}))
+    options = {"sparsity": SPARSITY.get(name, 0.8), **RUN_OPTIONS.get(name, {})}
+    model, optimizer, pruner = build(name, 5, total_steps=steps, **options)
     train(model, optimizer, pruner, steps)
     expected_model, expected_pruner = model.state_dict(), pruner.state_dict()
 
-    model, optimizer, pruner = build(name, 5, total_steps=steps, **RUN_OPTIONS.get(name, {}))
+    model, optimizer, pruner = build(name, 5, total_steps=steps, **options)
     train(model, optimizer, pruner, stop)
     saved = checkpoint(model, optimizer, pruner)
+    rng = torch.get_rng_state()  # a stochastic forward (VD's noise) resumes from the same draws
     # a fresh run: another initial model, restored from the checkpoint
-    model, optimizer, pruner = build(name, 6, total_steps=steps, calibration_seed=7, **RUN_OPTIONS.get(name, {}))
+    model, optimizer, pruner = build(name, 6, total_steps=steps, calibration_seed=7, **options)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     pruner.load_state_dict(saved["pruner"])
+    torch.set_rng_state(rng)
     train(model, optimizer, pruner, steps - stop, start=stop)
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected_model[key]), key

@@ -222,7 +222,8 @@ def train(spec: RunSpec, *, dataset: data_sets.Dataset | None = None, hooks: Seq
 
 def _train(spec, dataset, device, model, hooks, progress) -> TrainResult:
     prune_step = round(spec.prune_at * spec.steps) if spec.method != DENSE else None
-    pruner = _pruner(spec, model, spec.steps) if prune_step == 0 else None
+    # A run of steps=0 (prune, then evaluate) still gives the method a schedule of one step.
+    pruner = _pruner(spec, model, max(spec.steps, 1)) if prune_step == 0 else None
     optimizer = _optimizer(spec, model)
     state = TrainState(spec, dataset, model, optimizer, pruner)
 

@@ -1,0 +1,382 @@
+"""Sparse variational dropout layers (Molchanov, Ashukha & Vetrov 2017) on the masked kernels.
+
+VDLinear, VDConv2d and VDConv1d are sparse layers (a `weight`, a bool `mask`, a kernel plan,
+a grad mode, as dynasparse.nn.modules) with one more parameter per weight, `log_sigma2`
+(initialized to -10). The weight is `theta`, the mean of each weight's Gaussian posterior
+(`layer.theta` is `layer.weight`, so pruners, optimizers and checkpoints treat it as any sparse
+layer's weight); the dropout rate is
+
+    log_alpha = clamp(log_sigma2 - 2 * log(|theta| + 1e-8), -10, 10).
+
+Training forward, the local reparameterization trick, both products on the masked kernels
+(pruned weights are skipped by both, and get no gradient from them in masked mode):
+
+    mu  = x @ (theta * m).T + b,   var = (x * x) @ (alpha * theta**2 * m).T,
+    out = mu + sqrt(var + 1e-8) * eps,   eps ~ N(0, 1), one draw per output (torch's generator).
+
+Convolutions: the same with the convolution (both products over the same unfolded patches).
+Eval forward: the mean product with the weights at `log_alpha >= threshold` (3) zeroed, i.e.
+x @ (theta * m * [log_alpha < 3]).T + b; `to_sparse()` returns that as a plain SparseLinear /
+SparseConv2d (mask m & [log_alpha < 3], pruned weights zero). The mask is what the kernels skip:
+`refresh_mask()` (or the "vd" pruner, dynasparse.pruning.variational_dropout) sets it to
+`log_alpha < threshold`. `kl()` is the layer's KL term, Molchanov et al.'s approximation summed
+over its active weights:
+
+    KL(log_alpha) ~= k1 - k1 * sigmoid(k2 + k3 * log_alpha) + 0.5 * log1p(exp(-log_alpha)),
+    k1, k2, k3 = 0.63576, 1.87320, 1.48695;
+
+a pruned weight (outside the mask) is exactly zero, its alpha infinite, and the approximation's
+limit there is 0. So the KL, and in masked mode the variance weights, are computed on the
+active weights only (gathered once per mask): the elementwise work per weight, not only the
+products, skips the pruned weights, which is what makes a VD step at high sparsity cheaper than
+a dense one. (With a dense weight gradient, feedback mode, the variance of every weight is
+computed, so that the pruned ones get the gradient taken at the masked weights.)
+
+Layouts: unstructured only (a threshold mask has no block or 2:4 structure). Backend: "sparse"
+by default (both products on the kernels); "dense" runs them as torch ops on the masked
+weights; "auto" runs the kernels (the variance product's weight is new at every step: there is
+no per-shape choice worth measuring).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layout import masked_weight_for, weight_grad_of
+from .modules import SparseConv1d, SparseConv2d, SparseLinear, _SparseMixin
+
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+LOG_ALPHA_RANGE = (-10.0, 10.0)
+THRESHOLD = 3.0
+LOG_SIGMA2_INIT = -10.0
+# |theta| + EPS in log_alpha, var + EPS under the square root (Molchanov et al.'s constants).
+EPS = 1e-8
+
+
+def log_alpha_of(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """clamp(log_sigma2 - 2 * log(|theta| + 1e-8), -10, 10), differentiable in both."""
+    return torch.clamp(log_sigma2 - 2.0 * torch.log(theta.abs() + EPS), *LOG_ALPHA_RANGE)
+
+
+def kl_approximation(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Molchanov et al.'s approximation of KL(q || log-uniform prior) per weight (elementwise)."""
+    return K1 - K1 * torch.sigmoid(K2 + K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
+
+
+def _check_real(owner: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ValueError(f"dynasparse.{owner}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class _VariationalMixin:
+    """log_sigma2, log_alpha, the KL term, the threshold mask and the two forwards, on top of
+    _SparseMixin's mask and plan. `_product(x, weight, bias)` is the layer's masked product
+    (linear or convolution) with a given weight of its shape."""
+
+    def _init_variational(self, log_sigma2: float, threshold: float) -> None:
+        owner = type(self).__name__
+        if self.layout != "unstructured":
+            raise ValueError(f"dynasparse.{owner}: layout must be 'unstructured' (the threshold mask log_alpha < "
+                             f"{threshold} has no block or 2:4 structure), got {self.layout!r}")
+        self.threshold = _check_real(owner, "threshold", threshold)
+        init = _check_real(owner, "log_sigma2", log_sigma2)
+        self.log_sigma2 = nn.Parameter(torch.full(self.weight.shape, init, device=self.weight.device,
+                                                  dtype=self.weight.dtype))
+
+    def _rebuild_plan(self) -> None:
+        super()._rebuild_plan()
+        # Flat positions of the active weights, rebuilt with the plan (never in compiled code).
+        self._active = None if self.mask.is_meta else self.mask.reshape(-1).nonzero().squeeze(1)
+
+    def _active_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """theta and log_alpha at the active weights (flat, in `_active` order), differentiable."""
+        if self._active is None:  # meta tensors: no positions to gather, every weight counts
+            return self.weight.reshape(-1), self.log_alpha().reshape(-1)
+        theta = self.weight.reshape(-1).index_select(0, self._active)
+        return theta, log_alpha_of(theta, self.log_sigma2.reshape(-1).index_select(0, self._active))
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """The posterior means: the layer's weight."""
+        return self.weight
+
+    def log_alpha(self) -> torch.Tensor:
+        return log_alpha_of(self.weight, self.log_sigma2)
+
+    def kl(self) -> torch.Tensor:
+        """The layer's KL term over its active weights (pruned ones contribute 0, see the
+        module docstring): a 0-d tensor, differentiable in theta and log_sigma2."""
+        if not torch.compiler.is_compiling():
+            self.plan()  # a mask changed in place is noticed, and its positions rebuilt
+        return kl_approximation(self._active_values()[1]).sum()
+
+    def threshold_mask(self) -> torch.Tensor:
+        """log_alpha < threshold: the weights VD keeps (a new bool tensor)."""
+        with torch.no_grad():
+            return self.log_alpha() < self.threshold
+
+    def refresh_mask(self) -> None:
+        """Set the mask to `threshold_mask()`, so that both products skip the pruned weights; in
+        masked mode the pruned weights are zeroed (as a pruner's masked update does)."""
+        mask = self.threshold_mask()
+        self.set_mask(mask)
+        if self.grad_mode == "masked":
+            with torch.no_grad():
+                self.weight.masked_fill_(~mask, 0.0)
+
+    def masked_weight(self) -> torch.Tensor:
+        """The weights the eval forward uses: theta where the mask and log_alpha < threshold, else 0."""
+        return torch.where(self.mask & self.threshold_mask(), self.weight, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not torch.compiler.is_compiling():
+            self.plan()  # a mask changed in place is noticed, and `_active` rebuilt
+        inputs, finish = self._rows(x)
+        if not self.training:
+            kept = self.log_alpha() < self.threshold
+            return finish(self._product(inputs, torch.where(kept, self.weight, 0), self.bias))
+        mean = self._product(inputs, self.weight, self.bias)
+        if self._active is None or weight_grad_of(self.grad_mode, self.weight_grad) == "dense":
+            # Meta tensors, or a dense weight gradient (feedback): every weight's variance, so
+            # that the pruned ones get the gradient taken at the masked weights too.
+            variance_weight = torch.exp(self.log_alpha()) * self.weight.square()
+        else:
+            # Masked: zero at the pruned weights, which neither the product nor its gradient reads.
+            theta, log_alpha = self._active_values()
+            variance_weight = theta.new_zeros(self.weight.numel()).index_copy(
+                0, self._active, torch.exp(log_alpha) * theta.square()).reshape(self.weight.shape)
+        mean, variance = finish(mean), finish(self._product(inputs * inputs, variance_weight, None))
+        return mean + torch.sqrt(variance + EPS) * torch.randn_like(mean)
+
+    def _check_source_layout(self, module: nn.Module) -> None:
+        if getattr(module, "layout", "unstructured") != "unstructured":
+            raise ValueError(f"dynasparse.{type(self).__name__}.from_dense: the source layer has layout "
+                             f"{module.layout!r}; VD layers are unstructured (densify it first)")
+
+    def _vd_repr(self) -> str:
+        return f"threshold={self.threshold}"
+
+
+def _source_options(module: nn.Module, grad_mode: str | None, mask: torch.Tensor | None):
+    """A sparse source layer gives its mask and grad mode unless they are given."""
+    if mask is None and isinstance(getattr(module, "mask", None), torch.Tensor):
+        mask = module.mask.detach().clone()
+    if grad_mode is None:
+        grad_mode = getattr(module, "grad_mode", "masked")
+    return grad_mode, mask
+
+
+class VDLinear(_VariationalMixin, SparseLinear):
+    """A linear layer with sparse variational dropout (see the module docstring): the
+    arguments of nn.Linear, plus keyword-only `log_sigma2` (its initial value, -10),
+    `threshold` (3) and `grad_mode` ("masked": pruned weights get no gradient from the data)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked"):
+        super().__init__(in_features, out_features, bias, device, dtype, grad_mode=grad_mode, backend="sparse")
+        self._init_variational(log_sigma2, threshold)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        self._check_features(x)
+
+    def _rows(self, x: torch.Tensor):
+        return x, _unchanged
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._sparse_linear(x, weight, bias, self.backend == "dense")
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
+                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> VDLinear:
+        """A VDLinear with theta = module's weight (and its bias), log_sigma2 filled with
+        `log_sigma2`; the mask is `mask`, else a sparse module's own mask, else all kept; the
+        grad mode is `grad_mode`, else a sparse module's, else "masked"."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.Linear (or SparseLinear), "
+                            f"got {type(module).__name__}")
+        grad_mode, mask = _source_options(module, grad_mode, mask)
+        layer = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
+                    dtype=module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold, grad_mode=grad_mode)
+        layer._check_source_layout(module)
+        return layer._adopt(module, 0.0, mask)
+
+    def to_sparse(self) -> SparseLinear:
+        """The eval forward as a plain SparseLinear: mask m & [log_alpha < threshold], pruned
+        weights zero, the same grad mode."""
+        return SparseLinear.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
+                                       grad_mode=self.grad_mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._vd_repr()}"
+
+
+def _conv_padding(layer: nn.Module, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """The layer's zero padding per spatial dim ('valid', 'same' with an odd effective kernel, or numbers)."""
+    if layer.padding == "valid":
+        return (0,) * len(kernel_size)
+    if layer.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(total % 2 for total in totals):
+            raise ValueError(f"dynasparse.{type(layer).__name__}: padding='same' with an even effective kernel size "
+                             "is not supported (it pads unevenly); give explicit padding")
+        return tuple(total // 2 for total in totals)
+    return tuple(layer.padding)
+
+
+def _unchanged(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+class _VariationalConv(_VariationalMixin):
+    """The convolution products shared by VDConv2d and VDConv1d: both run as the masked matmul
+    over the same unfolded patches (rows = output pixels; a 1-D convolution is the 2-D one over
+    [B, C, 1, L] with (1, k) kernels). Grouped convolutions, meta / torch.func tensors and the
+    "dense" backend run torch's convolution of the masked weight instead (as SparseConv2d)."""
+
+    def _runs_convolution(self, x: torch.Tensor) -> bool:
+        return self.groups != 1 or self._reference_product(x) or self.backend == "dense"
+
+    def _rows(self, x: torch.Tensor):
+        """(the products' input, the function giving the layer's output from theirs)."""
+        if self._runs_convolution(x):
+            return x, _unchanged
+        x, _, _ = self._autocast(x, self.weight, None)  # refuses a dtype the kernels cannot take
+        one_d = self._batched_dims == 3
+        batched = x.dim() == self._batched_dims
+        if not batched:
+            x = x.unsqueeze(0)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0,) * (x.dim() - 2)
+        else:
+            padding = _conv_padding(self, tuple(self.kernel_size), tuple(self.dilation))
+        geometry = [tuple(self.kernel_size), tuple(self.stride), padding, tuple(self.dilation)]
+        if one_d:
+            x = x.unsqueeze(2)
+            geometry = [(0 if i == 2 else 1, *value) for i, value in enumerate(geometry)]
+        kernel_size, stride, padding, dilation = geometry
+        n, _, height, width = x.shape
+        out_h = (height + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+        out_w = (width + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+        rows = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+
+        def finish(y: torch.Tensor) -> torch.Tensor:
+            y = y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+            if one_d:
+                y = y.squeeze(2)
+            return y if batched else y.squeeze(0)
+
+        return rows, finish
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._runs_convolution(x):
+            return self._conv_forward(x, masked_weight_for(weight, self.mask, self.grad_mode, self.weight_grad), bias)
+        return self._sparse_linear(x, weight.reshape(self.out_channels, -1), bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        dims = self._batched_dims
+        if x.dim() not in (dims - 1, dims):
+            raise ValueError(f"dynasparse.{name}: expected a {dims - 1}-D (unbatched) or {dims}-D input, got "
+                             f"{x.dim()}-D")
+        channels = x.shape[-dims + 1]
+        if channels != self.in_channels:
+            raise RuntimeError(f"dynasparse.{name}: expected input of shape {list(x.shape)} to have "
+                               f"{self.in_channels} channels (in_channels), got {channels}")
+
+    def _conv_kwargs(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+                    bias=self.bias is not None, padding_mode=self.padding_mode, device=self.weight.device,
+                    dtype=self.weight.dtype)
+
+
+class VDConv2d(_VariationalConv, SparseConv2d):
+    """nn.Conv2d with sparse variational dropout (see the module docstring): its arguments,
+    plus keyword-only `log_sigma2`, `threshold` and `grad_mode` as VDLinear."""
+
+    _batched_dims = 4
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, grad_mode=grad_mode, backend="sparse")
+        self._init_variational(log_sigma2, threshold)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
+                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> VDConv2d:
+        """As VDLinear.from_dense, from an nn.Conv2d (or SparseConv2d)."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.Conv2d (or SparseConv2d), "
+                            f"got {type(module).__name__}")
+        grad_mode, mask = _source_options(module, grad_mode, mask)
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                    module.weight.device, module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold,
+                    grad_mode=grad_mode)
+        layer._check_source_layout(module)
+        return layer._adopt(module, 0.0, mask)
+
+    def to_sparse(self) -> SparseConv2d:
+        """The eval forward as a plain SparseConv2d (as VDLinear.to_sparse)."""
+        return SparseConv2d.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
+                                       grad_mode=self.grad_mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._vd_repr()}"
+
+
+class VDConv1d(_VariationalConv, _SparseMixin, nn.Conv1d):
+    """nn.Conv1d with sparse variational dropout (see the module docstring): its arguments,
+    plus keyword-only `log_sigma2`, `threshold` and `grad_mode` as VDLinear; `to_sparse()`
+    gives the eval forward as a SparseConv1d, `to_dense()` as nn.Conv1d."""
+
+    _batched_dims = 3
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked"):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        if self.padding == "same":
+            _conv_padding(self, tuple(self.kernel_size), tuple(self.dilation))  # refused now, not at the first forward
+        self._init_sparse(0.0, "unstructured", grad_mode, "sparse")
+        self._init_variational(log_sigma2, threshold)
+
+    def _weight_2d(self) -> torch.Tensor:
+        return self.weight.reshape(self.out_channels, -1)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv1d, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
+                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> VDConv1d:
+        """As VDLinear.from_dense, from an nn.Conv1d."""
+        if not isinstance(module, nn.Conv1d):
+            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.Conv1d, got "
+                            f"{type(module).__name__}")
+        grad_mode, mask = _source_options(module, grad_mode, mask)
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                    module.weight.device, module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold,
+                    grad_mode=grad_mode)
+        return layer._adopt(module, 0.0, mask)
+
+    def to_dense(self) -> nn.Conv1d:
+        """The eval forward as nn.Conv1d (weights outside the mask or at log_alpha >= threshold zero)."""
+        return self._fill_dense(nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size,
+                                          **self._conv_kwargs()))
+
+    def to_sparse(self) -> SparseConv1d:
+        """The eval forward as a plain SparseConv1d (as VDLinear.to_sparse)."""
+        return SparseConv1d.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
+                                       grad_mode=self.grad_mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._sparse_repr()}, {self._vd_repr()}"
+
+
+VD_MODULES = (VDLinear, VDConv2d, VDConv1d)
