@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "half_as_float.h"
 #include "matmul.h"
 
 namespace dynasparse {
@@ -56,7 +57,7 @@ bool cpu_has_avx512() {
 bool fast_block(int64_t block) { return block == 16 || block == 32 || block == 64; }
 
 bool use_fast_path(at::ScalarType dtype, int64_t block) {
-  return dtype == at::kFloat && fast_block(block) && cpu_has_avx512();
+  return runs_in_float(dtype) && fast_block(block) && cpu_has_avx512();
 }
 
 // x (..., K) as [rows, K]; the kernels take its strides, so a view is enough. The row count is
@@ -454,7 +455,12 @@ at::Tensor spmm_blocks_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
   const int32_t* cols = cols_in.data_ptr<int32_t>();
 #ifdef DYNASPARSE_AVX512_KERNELS
   if (use_fast_path(x.scalar_type(), block)) {
-    spmm_fast(x, values, row_ptr, cols, block, n, bias.defined() ? bias.data_ptr<float>() : nullptr, y_rows);
+    const at::Tensor bias_float = as_float(bias);
+    at::Tensor y_float =
+        x.scalar_type() == at::kFloat ? y_rows : at::empty(y_rows.sizes(), y.options().dtype(at::kFloat));
+    spmm_fast(as_float(x), as_float(values), row_ptr, cols, block, n,
+              bias_float.defined() ? bias_float.data_ptr<float>() : nullptr, y_float);
+    if (!y_float.is_same(y_rows)) y_rows.copy_(y_float);
     return y;
   }
 #endif
@@ -609,6 +615,13 @@ at::Tensor sddmm_blocks_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_i
   const at::Tensor g = as_rows(grad_out_in).contiguous();
   const at::Tensor x = as_rows(x_in).contiguous();
   const bool fast = use_fast_path(x.scalar_type(), block);
+  if (fast && x.scalar_type() != at::kFloat) {
+    const at::Tensor g_float = as_float(g), x_float = as_float(x);
+    at::Tensor values_float = at::empty(values.sizes(), values.options().dtype(at::kFloat));
+    sddmm_rows(g_float.data_ptr<float>(), x_float.data_ptr<float>(), x.size(0), mask, row_ptr_in.data_ptr<int64_t>(),
+               cols_in.data_ptr<int32_t>(), block, n, k, fast, values_float.data_ptr<float>());
+    return values.copy_(values_float);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sddmm_blocks", [&] {
     sddmm_rows(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.size(0), mask, row_ptr_in.data_ptr<int64_t>(),
                cols_in.data_ptr<int32_t>(), block, n, k, fast, values.data_ptr<scalar_t>());

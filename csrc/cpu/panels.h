@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "half_as_float.h"
 #include "matmul.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -51,18 +52,6 @@ inline int vectors_for(int64_t batch) { return batch > 32 ? 4 : batch > 16 ? 2 :
 // slice or task, not again for the others): 3.5-5% of the batch-32 forward at 90% sparsity,
 // single-threaded. A segment that fails ends its task (fail()); finish() then runs the full
 // check, which throws the first violation with the message every backend gives.
-// Half-precision operands of the fp32 AVX-512 kernels: widened to fp32 (exact), multiplied and
-// accumulated in fp32 as torch's own bf16 / fp16 products are, and the result rounded once. One
-// vectorized conversion pass per operand, against a scalar generic kernel an order of magnitude
-// slower.
-inline bool runs_in_float(at::ScalarType type) {
-  return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
-}
-
-inline at::Tensor as_float(const at::Tensor& tensor) {
-  return tensor.defined() ? tensor.to(at::kFloat) : tensor;
-}
-
 class PanelPlanCheck {
  public:
   PanelPlanCheck(const char* op, const at::Tensor& row_ptr, const at::Tensor& cols, int64_t panel, int64_t n,
