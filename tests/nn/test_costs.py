@@ -264,3 +264,22 @@ def test_the_dense_ways_kept_weight_follows_every_write(make):
     out = layer(x)  # with grad: the differentiable w * m, not the kept one
     out.sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_auto_under_torch_func_runs_dense_and_measures_nothing(cost_model):
+    """torch.func wraps the input of the layers after a functional weight: auto runs them as
+    torch ops on w * m (no measurement inside the transform), with the gradient of that math."""
+    _, state = cost_model
+    torch.manual_seed(8)
+    model = nn.Sequential(SparseConv2d(2, 3, 3, sparsity=0.5, backend="auto"), nn.Tanh(),
+                          SparseConv2d(3, 4, 3, sparsity=0.5, backend="auto"))
+    x = torch.randn(2, 2, 7, 7)
+    weight = model[0].weight.detach().clone()
+    gradient = torch.func.grad(lambda w: torch.func.functional_call(model, {"0.weight": w}, (x,)).sum())(weight)
+    # feedback mode: the gradient taken at w * m reaches every weight
+    w0 = (weight.double() * model[0].mask).requires_grad_()
+    out = torch.nn.functional.conv2d(x.double(), w0, model[0].bias.double())
+    out = torch.nn.functional.conv2d(out.tanh(), model[2].weight.double() * model[2].mask, model[2].bias.double())
+    (expected,) = torch.autograd.grad(out.sum(), w0)
+    torch.testing.assert_close(gradient.double(), expected, rtol=1e-4, atol=1e-5)
+    assert state["measured"] == 0

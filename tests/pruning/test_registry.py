@@ -12,7 +12,7 @@ from dynasparse.nn import SparseConv2d, SparseLinear
 from tests.pruning.tiny import build, checkpoint, masks_of, tiny_model, topk_reference, train
 
 NAMES = ["dpf", "oneshot", "gradual", "random", "rigl", "set", "snip", "dnw", "imp", "rigl_frozen", "dnw_frozen",
-         "dpf_structured", "vd"]
+         "dpf_structured", "vd", "obd", "obd_sd"]
 # The target sparsity each algorithm is created with (VD takes none: its threshold decides).
 SPARSITY = {"vd": 0.0}
 # Options small enough for 16 steps; the resume point 11 falls between updates, before a RigL
@@ -20,7 +20,9 @@ SPARSITY = {"vd": 0.0}
 RUN_OPTIONS = {"dpf": {"update_every": 4}, "gradual": {"update_every": 4}, "rigl": {"update_every": 4},
                "set": {"update_every": 4}, "imp": {"rewind_step": 1, "round_steps": 3},
                "rigl_frozen": {"update_every": 3, "freeze_after": 12}, "dnw_frozen": {"freeze_after": 13},
-               "dpf_structured": {"update_every": 4}, "vd": {"update_every": 4}}
+               "dpf_structured": {"update_every": 4}, "vd": {"update_every": 4},
+               "obd": {"rounds": 2, "round_steps": 12},
+               "obd_sd": {"rounds": 2, "round_steps": 12, "aggregator": "median"}}
 
 
 def test_available_lists_every_algorithm_with_one_line():

@@ -361,6 +361,8 @@ class _SparseMixin:
             return self._dense_last
         if self._reference_product(x):
             return False
+        if torch._C._are_functorch_transforms_active():
+            return True  # torch.func wraps the input: torch ops on w * m, nothing measured
         self.plan()  # a changed mask is noticed before its density keys the choice
         bias = self.bias
         training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad

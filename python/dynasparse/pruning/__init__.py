@@ -29,9 +29,10 @@ from .imp import IMP  # noqa: E402  isort: skip
 from .early_frozen import FrozenDNW, FrozenRigL  # noqa: E402  isort: skip
 from .structured_dpf import StructuredDPF  # noqa: E402  isort: skip
 from .variational_dropout import VariationalDropout  # noqa: E402  isort: skip
+from .obd import OBD, OBDSD  # noqa: E402  isort: skip
 from . import neurons  # noqa: E402  isort: skip  (neuron scores, selection and merging)
 
 __all__ = ["Constant", "CosineDecay", "Cubic", "DNW", "DPF", "Distribution", "ERK", "FrozenDNW", "FrozenRigL",
-           "Global", "GradualMagnitude", "IMP", "LayerReport", "LayerUnits", "Linear", "OneShotMagnitude", "Pruner",
-           "PruningReport", "RandomPruning", "RigL", "SET", "SNIP", "StructuredDPF", "Uniform", "VariationalDropout",
-           "as_schedule", "available", "create", "describe", "neurons", "register"]
+           "Global", "GradualMagnitude", "IMP", "LayerReport", "LayerUnits", "Linear", "OBD", "OBDSD",
+           "OneShotMagnitude", "Pruner", "PruningReport", "RandomPruning", "RigL", "SET", "SNIP", "StructuredDPF",
+           "Uniform", "VariationalDropout", "as_schedule", "available", "create", "describe", "neurons", "register"]
