@@ -237,6 +237,22 @@ class _VariationalConv(_VariationalMixin):
     [B, C, 1, L] with (1, k) kernels). Grouped convolutions, meta / torch.func tensors and the
     "dense" backend run torch's convolution of the masked weight instead (as SparseConv2d)."""
 
+    @classmethod
+    def from_dense(cls, module: nn.Module, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
+                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> _VariationalConv:
+        """As VDLinear.from_dense, from the nn convolution the class replaces (or its sparse version)."""
+        dense = cls._DENSE
+        if not isinstance(module, dense):
+            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.{dense.__name__} (or its "
+                            f"sparse version), got {type(module).__name__}")
+        grad_mode, mask = _source_options(module, grad_mode, mask)
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                    module.weight.device, module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold,
+                    grad_mode=grad_mode)
+        layer._check_source_layout(module)
+        return layer._adopt(module, 0.0, mask)
+
     def _runs_convolution(self, x: torch.Tensor) -> bool:
         return self.groups != 1 or self._reference_product(x) or self.backend == "dense"
 
@@ -307,21 +323,6 @@ class VDConv2d(_VariationalConv, SparseConv2d):
                          padding_mode, device, dtype, grad_mode=grad_mode, backend="sparse")
         self._init_variational(log_sigma2, threshold)
 
-    @classmethod
-    def from_dense(cls, module: nn.Conv2d, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
-                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> VDConv2d:
-        """As VDLinear.from_dense, from an nn.Conv2d (or SparseConv2d)."""
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.Conv2d (or SparseConv2d), "
-                            f"got {type(module).__name__}")
-        grad_mode, mask = _source_options(module, grad_mode, mask)
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                    module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                    module.weight.device, module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold,
-                    grad_mode=grad_mode)
-        layer._check_source_layout(module)
-        return layer._adopt(module, 0.0, mask)
-
     def to_sparse(self) -> SparseConv2d:
         """The eval forward as a plain SparseConv2d (as VDLinear.to_sparse)."""
         return SparseConv2d.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
@@ -337,6 +338,7 @@ class VDConv1d(_VariationalConv, _SparseMixin, nn.Conv1d):
     gives the eval forward as a SparseConv1d, `to_dense()` as nn.Conv1d."""
 
     _batched_dims = 3
+    _DENSE = nn.Conv1d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -350,20 +352,6 @@ class VDConv1d(_VariationalConv, _SparseMixin, nn.Conv1d):
 
     def _weight_2d(self) -> torch.Tensor:
         return self.weight.reshape(self.out_channels, -1)
-
-    @classmethod
-    def from_dense(cls, module: nn.Conv1d, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
-                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> VDConv1d:
-        """As VDLinear.from_dense, from an nn.Conv1d."""
-        if not isinstance(module, nn.Conv1d):
-            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.Conv1d, got "
-                            f"{type(module).__name__}")
-        grad_mode, mask = _source_options(module, grad_mode, mask)
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                    module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                    module.weight.device, module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold,
-                    grad_mode=grad_mode)
-        return layer._adopt(module, 0.0, mask)
 
     def to_dense(self) -> nn.Conv1d:
         """The eval forward as nn.Conv1d (weights outside the mask or at log_alpha >= threshold zero)."""

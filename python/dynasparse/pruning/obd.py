@@ -64,16 +64,20 @@ def aggregate(samples: torch.Tensor, aggregator: str | Aggregator = "mean-std", 
     return function(samples, kappa)
 
 
+# The options OBD and OBD-SD share.
+_OBD_OPTIONS = {"estimator": "Hessian-diagonal estimator: 'fisher' (default), 'hutchinson' or 'exact' "
+                             "(pruning.saliency)",
+                "rounds": "prune -> retrain rounds reaching the target (1: one-shot at calibration)",
+                "round_steps": "training steps per round (default: total_steps // rounds)",
+                "probes": "Hutchinson probes per calibration batch (32)",
+                "chunk_size": "examples per vmapped per-example-gradient call of the Fisher (256)",
+                "loss": "loss(outputs, targets) -> the batch's mean loss (default: cross-entropy)"}
+
+
 @register("obd", "OBD (LeCun et al. 1990): saliency h_kk * w_k**2 / 2, h the Hessian diagonal on calibration "
           "batches (empirical Fisher; or Hutchinson, exact), prune the lowest (global), masked; optionally rounds of "
           "prune -> retrain",
-          options={"estimator": "Hessian-diagonal estimator: 'fisher' (default), 'hutchinson' or 'exact' "
-                                "(pruning.saliency)",
-                   "rounds": "prune -> retrain rounds reaching the target (1: one-shot at calibration)",
-                   "round_steps": "training steps per round (default: total_steps // rounds)",
-                   "probes": "Hutchinson probes per calibration batch (32)",
-                   "chunk_size": "examples per vmapped per-example-gradient call of the Fisher (256)",
-                   "loss": "loss(outputs, targets) -> the batch's mean loss (default: cross-entropy)"},
+          options=_OBD_OPTIONS,
           common=("distribution", "include", "exclude", "granularity", "seed"), total_steps="optional")
 class OBD(Pruner):
     """Optimal Brain Damage (LeCun, Denker, Solla 1990). The saliency of weight k is
@@ -225,12 +229,7 @@ class OBD(Pruner):
           "the batches (aggregator pluggable), prune the lowest (global), masked; rounds as OBD",
           options={"aggregator": "'mean-std' (default), 'mean', 'median', 'min' or a callable [B, *shape] -> shape",
                    "kappa": "the weight of the spread in 'mean-std' (1.0; negative: mean + |kappa| std)",
-                   "estimator": "Hessian-diagonal estimator: 'fisher' (default), 'hutchinson' or 'exact'",
-                   "rounds": "prune -> retrain rounds reaching the target (1: one-shot at calibration)",
-                   "round_steps": "training steps per round (default: total_steps // rounds)",
-                   "probes": "Hutchinson probes per calibration batch (32)",
-                   "chunk_size": "examples per vmapped per-example-gradient call of the Fisher (256)",
-                   "loss": "loss(outputs, targets) -> the batch's mean loss (default: cross-entropy)"},
+                   **_OBD_OPTIONS},
           common=("distribution", "include", "exclude", "granularity", "seed"), total_steps="optional")
 class OBDSD(OBD):
     """OBD-SD. Our definition (the paper's is not available, see ALGORITHMS.md): the OBD
