@@ -147,7 +147,7 @@ def test_choices_persist_per_machine_in_the_file(cost_model, tmp_path):
     assert list(content["machines"]) == [costs.machine()]
     [(name, entry)] = entries.items()
     assert name.startswith("SparseLinear|(8, 16)|2|unstructured|feedback|None|0.5|float32|cpu|")
-    assert entry == {"sparse_s": 1.0, "dense_s": 2.0, "choice": "sparse"}
+    assert entry == {"sparse_s": 1.0, "dense_s": 2.0, "choice": "sparse", "load": costs.machine_load()}
     # Another process (a fresh model on the same file) reuses it without measuring.
     costs.use_cost_file(tmp_path / "costs.json")
     again = SparseLinear(16, 8, sparsity=0.5, backend="auto")
@@ -157,6 +157,33 @@ def test_choices_persist_per_machine_in_the_file(cost_model, tmp_path):
     costs.COSTS.clear()
     assert costs.COSTS.entries() == {}
     assert json.loads((tmp_path / "costs.json").read_text())["machines"] == {}
+
+
+@pytest.mark.parametrize("measured_at, now, measures_again", [
+    (2.5, 1.25, True), (2.5, 1.3, False), (0.9, 0.1, False), (None, 0.5, True), (3.0, None, False),
+], ids=["busy-then-quiet", "busy-then-busy", "quiet-then", "unrecorded-load", "load-unknown-now"])
+def test_choices_measured_on_a_busy_machine_are_measured_again_once_it_is_quieter(
+        cost_model, tmp_path, monkeypatch, measured_at, now, measures_again):
+    _, state = cost_model
+    monkeypatch.setattr(costs, "machine_load", lambda: measured_at)
+    with torch.no_grad():
+        SparseLinear(16, 8, sparsity=0.5, backend="auto")(torch.randn(2, 16))
+    if measured_at is None:  # a file written before the load was recorded
+        path = tmp_path / "costs.json"
+        content = json.loads(path.read_text())
+        for entry in content["machines"][costs.machine()].values():
+            del entry["load"]
+        path.write_text(json.dumps(content))
+    monkeypatch.setattr(costs, "machine_load", lambda: now)
+    costs.use_cost_file(tmp_path / "costs.json")  # a later process
+    state["timings"] = (2.0, 1.0)
+    layer = SparseLinear(16, 8, sparsity=0.5, backend="auto")
+    with torch.no_grad():
+        layer(torch.randn(2, 16))
+    assert state["measured"] == (2 if measures_again else 1)
+    assert [row["choice"] for row in layer.backend_report()] == ["dense" if measures_again else "sparse"]
+    [entry] = json.loads((tmp_path / "costs.json").read_text())["machines"][costs.machine()].values()
+    assert entry["load"] == (now if measures_again else measured_at)
 
 
 def test_an_unusable_cost_file_warns_and_measures_in_memory(cost_model, tmp_path):

@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 import dynasparse
 import dynasparse.optim
-from dynasparse.nn import SparseConv2d, SparseLinear, sparse_masks
+from dynasparse.nn import SparseConv1d, SparseConv2d, SparseLinear, sparse_masks
 from dynasparse.nn.modules import SparseTransposedLinear
 
 
@@ -395,6 +395,39 @@ def test_torch_func_transforms(grad_mode):
     conv = SparseConv2d(2, 3, 3, sparsity=0.5, grad_mode=grad_mode)
     images = torch.randn(4, 1, 2, 6, 6)
     torch.testing.assert_close(vmap(conv)(images), conv(images.flatten(0, 1)).unflatten(0, (4, 1)))
+
+
+@pytest.mark.parametrize("conv_class", [SparseConv1d, SparseConv2d])
+@pytest.mark.parametrize("grad_mode", ["feedback", "masked"])
+def test_torch_func_over_a_convs_input_matches_float64(conv_class, grad_mode):
+    """grad and jacrev over the input of a conv pinned to the kernels, and the gradient of an
+    earlier layer's functional parameters through it: torch's convolution of w * m runs."""
+    torch.manual_seed(13)
+    spatial = (7,) if conv_class is SparseConv1d else (6, 5)
+    first = (nn.Conv1d if conv_class is SparseConv1d else nn.Conv2d)(3, 4, 3, padding=1)
+    sparse = conv_class(4, 5, 3, padding=1, sparsity=0.6, grad_mode=grad_mode, backend="sparse")
+    model = nn.Sequential(first, sparse)
+    x = torch.randn(2, 3, *spatial)
+    first_params = {f"0.{name}": p.detach() for name, p in first.named_parameters()}
+    grads = grad(lambda params: functional_call(model, params, (x,)).square().sum())(first_params)
+    inner = torch.randn(2, 4, *spatial)
+    grad_inner = grad(lambda value: sparse(value).square().sum())(inner)
+    jacobian = jacrev(lambda value: sparse(value).sum())(inner)
+
+    conv = F.conv1d if conv_class is SparseConv1d else F.conv2d
+    weight = torch.where(sparse.mask, sparse.weight, 0).detach().double()
+    bias = sparse.bias.detach().double()
+    ref_params = {name: p.double().requires_grad_() for name, p in first_params.items()}
+    hidden = conv(x.double(), ref_params["0.weight"], ref_params["0.bias"], padding=1)
+    conv(hidden, weight, bias, padding=1).square().sum().backward()
+    for name in first_params:
+        torch.testing.assert_close(grads[name].double(), ref_params[name].grad, rtol=1e-5, atol=1e-5)
+    inner_ref = inner.double().requires_grad_()
+    out = conv(inner_ref, weight, bias, padding=1)
+    (grad_ref,) = torch.autograd.grad(out.square().sum(), inner_ref, retain_graph=True)
+    (jacobian_ref,) = torch.autograd.grad(out.sum(), inner_ref)
+    torch.testing.assert_close(grad_inner.double(), grad_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(jacobian.double(), jacobian_ref, rtol=1e-5, atol=1e-5)
 
 
 # --- 15. smaller errors --------------------------------------------------------------------------

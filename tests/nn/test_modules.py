@@ -13,6 +13,8 @@ import dynasparse.optim
 from dynasparse.nn import SparseConv2d, SparseLinear, sparse_masks
 from dynasparse.nn.modules import SparseTransposedLinear
 
+from tests.helpers import assert_close_to_float64
+
 
 def seeded(seed):
     torch.manual_seed(seed)
@@ -338,6 +340,49 @@ def test_cpu_conv_forward_is_an_implicit_gemm(grad_mode, monkeypatch):
         for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
             torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kernel_size, conv", [
+    ((3, 3), dict(padding=(1, 1))), ((3, 5), dict(padding=(0, 4), dilation=(1, 2))),
+    ((2, 3), dict(padding=(1, 0))), ((3, 3), dict(padding=(3, 1))),
+], ids=str)
+@pytest.mark.parametrize("grad_mode", ["feedback", "masked"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.85, 1.0])
+def test_cpu_conv_input_gradient_runs_on_the_kernel(kernel_size, conv, grad_mode, sparsity, monkeypatch):
+    """A stride-1 float32 SparseConv2d on CPU computes its input gradient with conv2d_panels over
+    the flipped, transposed weight (nothing unfolded or folded in forward or backward) and
+    matches float64 F.conv2d of w * m; padding beyond d * (k - 1) (no stride-1 equivalent)
+    falls back to torch's convolution, as correct."""
+    seeded(15)
+    layer = SparseConv2d(7, 10, kernel_size, sparsity=min(sparsity, 0.5), grad_mode=grad_mode, **conv)
+    if sparsity == 1.0:
+        layer.set_mask(torch.zeros_like(layer.mask))
+    calls = []
+    original = dynasparse.ops.conv2d_panels
+    monkeypatch.setattr(dynasparse.ops, "conv2d_panels", lambda *args, **kwargs: calls.append(1) or original(*args,
+                                                                                                             **kwargs))
+    monkeypatch.setattr(F, "unfold", None)
+    monkeypatch.setattr(F, "fold", None)
+    x = torch.randn(3, 7, 12, 17, requires_grad=True)
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), grad_out)
+
+    def torch_conv(dtype):
+        x_ref = x.detach().to(dtype).requires_grad_()
+        w_ref = torch.where(layer.mask, layer.weight, 0).detach().to(dtype).requires_grad_()
+        b_ref = layer.bias.detach().to(dtype).requires_grad_()
+        y_ref = F.conv2d(x_ref, w_ref, b_ref, **conv)
+        gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, (x_ref, w_ref, b_ref), grad_out.to(dtype))
+        if grad_mode == "masked":
+            gw_ref = torch.where(layer.mask, gw_ref, 0)
+        return y_ref, gx_ref, gw_ref, gb_ref
+
+    for got, torch_own, exact in zip((y, gx, gw, gb), torch_conv(torch.float32), torch_conv(torch.float64)):
+        assert_close_to_float64(got, torch_own, exact)
+    stride_one_equivalent = all(pad <= step * (size - 1) for pad, step, size in
+                                zip(conv["padding"], conv.get("dilation", (1, 1)), kernel_size))
+    assert len(calls) == (2 if stride_one_equivalent else 1)
 
 
 def test_compiled_conv_matches_eager_without_graph_breaks():

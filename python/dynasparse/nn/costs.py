@@ -23,8 +23,12 @@ The default backend starts as $DYNASPARSE_BACKEND ("auto" when unset).
 The file: $DYNASPARSE_COST_CACHE if set ("" keeps the model in memory only), else
 ~/.cache/dynasparse/costs.json; one section per machine (CPU model, core count, torch
 version), so a home directory shared between machines keeps each machine's own choices.
-Delete it (or call `COSTS.clear()`) to measure again. Under torch.compile and torch.func a
-layer measures nothing: it runs the choice its last eager call made (sparse before any).
+Delete it (or call `COSTS.clear()`) to measure again. Each entry keeps the machine's load
+(runnable processes per core over the last minute) when it was measured: a process finding an
+entry that was measured on a busy machine (load above 1) while the machine is now at most half
+as busy measures again and replaces it, so timings distorted by other work do not decide for
+good. Under torch.compile and torch.func a layer measures nothing: it runs the choice its last
+eager call made (sparse before any).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ FORMAT = "dynasparse.costs/1"
 # two interleaved so that a change in the machine's load hits both alike.
 _BUDGET_S = 0.004
 _MIN_REPEATS, _MAX_REPEATS = 3, 25
+# Above this many runnable processes per core the timings of both ways include waiting.
+_BUSY_LOAD = 1.0
 
 
 def _initial_default() -> str:
@@ -96,6 +102,14 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{model} | {os.cpu_count()} cores | torch {torch.__version__}"
+
+
+def machine_load() -> float | None:
+    """Runnable processes per core over the last minute (None where the OS does not tell)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
 
 
 def _default_path() -> Path | None:
@@ -160,8 +174,15 @@ class CostModel:
         self.path = None
 
     def choice(self, key: str) -> str | None:
+        """The kept choice for `key`, or None: never measured, or measured on a busy machine
+        that is now at most half as busy (or by a version that did not record the load)."""
         entry = self._load().get(key)
-        return None if entry is None else entry["choice"]
+        if entry is None:
+            return None
+        measured_at, now = entry.get("load"), machine_load()
+        if now is not None and (measured_at is None or (measured_at > _BUSY_LOAD and now <= measured_at / 2)):
+            return None
+        return entry["choice"]
 
     def entry(self, key: str) -> dict | None:
         return self._load().get(key)
@@ -169,7 +190,7 @@ class CostModel:
     def record(self, key: str, sparse_s: float, dense_s: float) -> str:
         """Store a measurement; the choice is the faster way (sparse on a tie)."""
         choice = "dense" if dense_s < sparse_s else "sparse"
-        self._load()[key] = {"sparse_s": sparse_s, "dense_s": dense_s, "choice": choice}
+        self._load()[key] = {"sparse_s": sparse_s, "dense_s": dense_s, "choice": choice, "load": machine_load()}
         self._save()
         return choice
 
@@ -194,7 +215,7 @@ class CostModel:
             self._unusable(error)
 
     def entries(self) -> dict[str, dict]:
-        """key -> {"sparse_s", "dense_s", "choice"} for this machine."""
+        """key -> {"sparse_s", "dense_s", "choice", "load"} for this machine."""
         return dict(self._load())
 
     def clear(self) -> None:

@@ -19,6 +19,7 @@ on this machine (costs.py); same values and gradients either way. "sparse" pins 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -597,12 +598,28 @@ class _SparseConvNd(_SparseMixin):
             plan.check()
             return _PanelConv2d.apply(x, weight_2d, self._guarded_bias(plan, bias, x), plan.pack(weight_2d), plan,
                                       weight_grad_of(self.grad_mode, self.weight_grad),
-                                      (kernel_size, stride, padding, dilation))
+                                      (kernel_size, stride, padding, dilation), self._grad_input_plan)
         else:
             patches = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
             rows = patches.transpose(1, 2)
         y = self._sparse_linear(rows, self._weight_2d(), self.bias)
         return y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+
+    def _reference_product(self, x: torch.Tensor) -> bool:
+        # Under torch.func with a wrapped input (grad or jacrev over x, functional_call of an
+        # earlier layer) the weight's [out, in * k] reshape is wrapped too: no packed values.
+        return super()._reference_product(x) or (not torch.compiler.is_compiling() and traced_by_functorch(x))
+
+    def _rebuild_plan(self) -> None:
+        super()._rebuild_plan()
+        # A stride-1 convolution's input gradient is the convolution of grad_out with the weight
+        # flipped and transposed (channels in for out): the forward's kernel runs it over the plan
+        # of that mask, so the backward never unfolds the input or the gradient.
+        plan = self._plan
+        runs_on_kernel = (plan is not None and plan.kernel == "panels" and self.groups == 1
+                          and all(step == 1 for step in self.stride) and math.prod(self.kernel_size) > 1)
+        self._grad_input_plan = (MaskPlan(_flipped_transposed(self.mask), backend=plan.backend) if runs_on_kernel
+                                 else None)
 
     def _geometry_key(self) -> tuple:
         return (tuple(self.weight.shape), tuple(self.stride), str(self.padding), tuple(self.dilation), self.groups,
@@ -651,9 +668,12 @@ class SparseConv2d(_SparseConvNd, nn.Conv2d):
     over the weight viewed as [out_channels, in_channels * kh * kw]: 1x1 convolutions directly
     on the channels; k x k ones, on CPU with the panel plan (unstructured and 2:4 layouts), by
     the implicit-GEMM op `conv2d_panels` (im2col tiles built in cache, NCHW output written
-    directly), elsewhere (block layouts, CUDA) on unfolded patches. Backward passes go through
-    the unfolded patches in every case. Grouped convolutions (groups > 1, depthwise included)
-    fall back to a dense convolution of `w * m`: correct, no faster than dense."""
+    directly), elsewhere (block layouts, CUDA) on unfolded patches. On the implicit-GEMM path the
+    input gradient of a stride-1 convolution runs on the same kernel (the flipped, transposed
+    weight's plan, built with the mask's), strided ones as torch's convolution of `w * m`, and
+    the weight gradient is torch's dense one (kept at the mask in masked mode); the other paths
+    differentiate through the unfolded patches. Grouped convolutions (groups > 1, depthwise
+    included) fall back to a dense convolution of `w * m`: correct, no faster than dense."""
 
     _DENSE, _SPATIAL = nn.Conv2d, 2
 
@@ -667,74 +687,79 @@ class SparseConv1d(_SparseConvNd, nn.Conv1d):
 
 
 class _PanelConv2d(FullArgsFunction):
-    """conv2d_panels forward; the backward works on the unfolded patches, rows = output pixels,
-    as the masked matmul's does on its rows: grad_input through the plan of m.T, folded back;
-    the weight gradient dense (feedback), at the mask (masked) or none (`weight_grad`). A backward that must itself
-    be differentiable (create_graph=True, torch.func) runs as torch's convolution of w * m."""
+    """conv2d_panels forward. Backward: the input gradient of a stride-1 convolution on the same
+    kernel, as the convolution of grad_out with the flipped, transposed weight over
+    `grad_input_plan` (other strides: torch's convolution of w * m); the weight gradient is
+    torch's dense one (feedback), kept at the mask (masked) or none (`weight_grad`). A backward
+    that must itself be differentiable (create_graph=True, torch.func) runs torch's
+    convolutions of w * m."""
 
     @staticmethod
-    def forward(x, weight_2d, bias, values, plan, weight_grad, geometry):
+    def forward(x, weight_2d, bias, values, plan, weight_grad, geometry, grad_input_plan):
         return ops.conv2d_panels(x, values, *plan.index, plan.size, plan.shape[0], *geometry, bias,
                                  backend=plan.backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight_2d, bias, _, plan, weight_grad, geometry = inputs
-        ctx.plan, ctx.weight_grad, ctx.geometry = plan, weight_grad, geometry
+        x, weight_2d, bias, _, plan, weight_grad, geometry, grad_input_plan = inputs
+        ctx.plan, ctx.weight_grad, ctx.geometry, ctx.grad_input_plan = plan, weight_grad, geometry, grad_input_plan
         ctx.save_for_backward(x, weight_2d)
         ctx.has_bias = bias is not None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight_2d, bias, values, plan, weight_grad, geometry):
+    def vmap(info, in_dims, x, weight_2d, bias, values, plan, weight_grad, geometry, grad_input_plan):
         if any(dim is not None for dim in in_dims[1:4]):
             raise ValueError("dynasparse: vmap over a SparseConv2d's weight or bias is not supported by the kernel "
                              "path; per-sample weights go through torch.func.functional_call, which runs torch ops")
         x = fold_vmap_dim(x, in_dims[0], info.batch_size)
-        out = _PanelConv2d.apply(x.flatten(0, 1), weight_2d, bias, values, plan, weight_grad, geometry)
+        out = _PanelConv2d.apply(x.flatten(0, 1), weight_2d, bias, values, plan, weight_grad, geometry,
+                                 grad_input_plan)
         return out.unflatten(0, x.shape[:2]), 0
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight_2d = ctx.saved_tensors
-        plan = ctx.plan
         kernel_size, stride, padding, dilation = ctx.geometry
-        conv = {"dilation": dilation, "padding": padding, "stride": stride}
-        if torch.is_grad_enabled():
-            return (*_differentiable_conv_backward(ctx, grad_out, x, weight_2d), None, None, None, None)
-        batch, n, out_h, out_w = grad_out.shape
-        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(batch, out_h * out_w, n)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_patches = plan.grad_input(grad_rows, weight_2d)  # [B, pixels, K]
-            grad_x = F.fold(grad_patches.transpose(1, 2), x.shape[2:], kernel_size, **conv)
-        if ctx.needs_input_grad[1] and ctx.weight_grad != "none":
-            patches = F.unfold(x, kernel_size, **conv)  # [B, K, pixels]
-            if ctx.weight_grad == "nonzeros":
-                grad_weight = plan.grad_weight_masked(grad_rows, patches.transpose(1, 2))
-            else:
-                grad_weight = (grad_out.reshape(batch, n, out_h * out_w) @ patches.transpose(1, 2)).sum(0)
+        weight = weight_2d.reshape(weight_2d.shape[0], x.shape[1], *kernel_size)
+        mask = ctx.plan.mask.reshape(weight.shape)
+        wants_x = ctx.needs_input_grad[0]
+        wants_weight = ctx.needs_input_grad[1] and ctx.weight_grad != "none"
+        grad_x = _kernel_grad_input(ctx, grad_out, x, weight) if wants_x else None
+        grad_weight = grad_bias = None
+        if wants_weight or (wants_x and grad_x is None):
+            # One call of torch's convolution backward for what the kernel does not compute: its
+            # dense weight gradient beats an SDDMM over unfolded patches at every measured sparsity.
+            torch_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad_out, x, masked_weight_for(weight, mask, None, ctx.weight_grad), None, list(stride),
+                list(padding), list(dilation), False, [0, 0], 1, [wants_x and grad_x is None, wants_weight, False])
+            grad_x = torch_x if grad_x is None else grad_x
+            if grad_weight is not None:
+                if ctx.weight_grad == "nonzeros":
+                    grad_weight = torch.where(mask, grad_weight, 0)
+                grad_weight = grad_weight.reshape(weight_2d.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _differentiable_conv_backward(ctx, grad_out, x, weight_2d):
-    kernel_size, stride, padding, dilation = ctx.geometry
-    weight = weight_2d.reshape(weight_2d.shape[0], x.shape[1], *kernel_size)
-    mask = ctx.plan.mask.reshape(weight.shape)
-    conv = {"stride": stride, "padding": padding, "dilation": dilation}
-    grad_x = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.nn.grad.conv2d_input(x.shape, masked_weight_for(weight, mask, None, ctx.weight_grad), grad_out,
-                                            **conv)
-    if ctx.needs_input_grad[1] and ctx.weight_grad != "none":
-        grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, **conv)
-        if ctx.weight_grad == "nonzeros":
-            grad_weight = torch.where(mask, grad_weight, 0)
-        grad_weight = grad_weight.reshape(weight_2d.shape)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad_out.sum((0, 2, 3))
-    return grad_x, grad_weight, grad_bias
+def _kernel_grad_input(ctx, grad_out, x, weight):
+    """The input gradient on conv2d_panels (None where it cannot run there: strided, padded
+    beyond d * (k - 1), or a backward that must itself be differentiable)."""
+    kernel_size, _, padding, dilation = ctx.geometry
+    plan = ctx.grad_input_plan
+    # Padding d * (k - 1) - p restores the input's size from a stride-1 output.
+    padding_t = [step * (size - 1) - pad for size, pad, step in zip(kernel_size, padding, dilation)]
+    if plan is None or torch.is_grad_enabled() or min(padding_t) < 0:
+        return None
+    values = plan.pack(_flipped_transposed(weight))
+    return ops.conv2d_panels(grad_out.contiguous(), values, *plan.index, plan.size, x.shape[1], kernel_size, [1, 1],
+                             padding_t, dilation, backend=plan.backend)
+
+
+def _flipped_transposed(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in, *kernel] -> [in, out * prod(kernel)], the kernel flipped: the matrix of the
+    convolution that maps an output gradient back onto the input."""
+    return weight.flip(tuple(range(2, weight.dim()))).transpose(0, 1).reshape(weight.shape[1], -1)
 
 
 class SparseTransposedLinear(_SparseMixin, nn.Module):
