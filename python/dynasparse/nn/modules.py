@@ -567,18 +567,9 @@ class _SparseConvNd(_SparseMixin):
             x = x.unsqueeze(0)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0,) * self._SPATIAL
-        elif self.padding == "valid":
-            padding = (0,) * self._SPATIAL
-        elif self.padding == "same":
-            padding = self._same_padding()
-        else:
-            padding = tuple(self.padding)
-        kernel_size, stride, dilation = tuple(self.kernel_size), tuple(self.stride), tuple(self.dilation)
         if self._SPATIAL == 1:
             x = x.unsqueeze(2)
-            kernel_size, stride, dilation, padding = ((1, *kernel_size), (1, *stride), (1, *dilation),
-                                                      (0, *padding))
+        kernel_size, stride, padding, dilation = self._geometry_2d()
         y = self._convolution_2d(x, kernel_size, stride, padding, dilation)
         if self._SPATIAL == 1:
             y = y.squeeze(2)
@@ -610,16 +601,33 @@ class _SparseConvNd(_SparseMixin):
         # earlier layer) the weight's [out, in * k] reshape is wrapped too: no packed values.
         return super()._reference_product(x) or (not torch.compiler.is_compiling() and traced_by_functorch(x))
 
+    def _effective_padding(self) -> tuple[int, ...]:
+        """The zero padding the kernels apply (a padding_mode other than zeros pads the input
+        itself first)."""
+        if self.padding_mode != "zeros" or self.padding == "valid":
+            return (0,) * self._SPATIAL
+        if self.padding == "same":
+            return self._same_padding()
+        return tuple(self.padding)
+
+    def _geometry_2d(self) -> tuple[tuple[int, int], ...]:
+        """(kernel_size, stride, padding, dilation) of the 2-D convolution the kernels run; a
+        1-D one runs as a (1, k) kernel over its signal viewed [C, 1, L]."""
+        geometry = (tuple(self.kernel_size), tuple(self.stride), self._effective_padding(), tuple(self.dilation))
+        if self._SPATIAL == 1:
+            return tuple((0 if index == 2 else 1, *part) for index, part in enumerate(geometry))
+        return geometry
+
     def _rebuild_plan(self) -> None:
         super()._rebuild_plan()
-        # A stride-1 convolution's input gradient is the convolution of grad_out with the weight
-        # flipped and transposed (channels in for out): the forward's kernel runs it over the plan
-        # of that mask, so the backward never unfolds the input or the gradient.
+        # The backward's input gradient on conv2d_panels (see _InputGradientPlans), for the
+        # convolutions that run the implicit GEMM forward.
         plan = self._plan
+        geometry = self._geometry_2d()
         runs_on_kernel = (plan is not None and plan.kernel == "panels" and self.groups == 1
-                          and all(step == 1 for step in self.stride) and math.prod(self.kernel_size) > 1)
-        self._grad_input_plan = (MaskPlan(_flipped_transposed(self.mask), backend=plan.backend) if runs_on_kernel
-                                 else None)
+                          and not (geometry[0] == (1, 1) and geometry[2] == (0, 0)))
+        self._grad_input_plan = (_InputGradientPlans(self.mask.reshape(*self.mask.shape[:2], *geometry[0]), geometry,
+                                                     plan.backend) if runs_on_kernel else None)
 
     def _geometry_key(self) -> tuple:
         return (tuple(self.weight.shape), tuple(self.stride), str(self.padding), tuple(self.dilation), self.groups,
@@ -669,9 +677,9 @@ class SparseConv2d(_SparseConvNd, nn.Conv2d):
     on the channels; k x k ones, on CPU with the panel plan (unstructured and 2:4 layouts), by
     the implicit-GEMM op `conv2d_panels` (im2col tiles built in cache, NCHW output written
     directly), elsewhere (block layouts, CUDA) on unfolded patches. On the implicit-GEMM path the
-    input gradient of a stride-1 convolution runs on the same kernel (the flipped, transposed
-    weight's plan, built with the mask's), strided ones as torch's convolution of `w * m`, and
-    the weight gradient is torch's dense one (kept at the mask in masked mode); the other paths
+    input gradient runs on the same kernel (the flipped, transposed weight's plans, one per
+    stride phase, built with the mask's), and the weight gradient is torch's dense one (kept at
+    the mask in masked mode); the other paths
     differentiate through the unfolded patches. Grouped convolutions (groups > 1, depthwise
     included) fall back to a dense convolution of `w * m`: correct, no faster than dense."""
 
@@ -687,12 +695,11 @@ class SparseConv1d(_SparseConvNd, nn.Conv1d):
 
 
 class _PanelConv2d(FullArgsFunction):
-    """conv2d_panels forward. Backward: the input gradient of a stride-1 convolution on the same
-    kernel, as the convolution of grad_out with the flipped, transposed weight over
-    `grad_input_plan` (other strides: torch's convolution of w * m); the weight gradient is
-    torch's dense one (feedback), kept at the mask (masked) or none (`weight_grad`). A backward
-    that must itself be differentiable (create_graph=True, torch.func) runs torch's
-    convolutions of w * m."""
+    """conv2d_panels forward. Backward: the input gradient on the same kernel, as convolutions
+    of grad_out over `grad_input_plan` (an _InputGradientPlans); the weight gradient is torch's
+    dense one (feedback), kept at the mask (masked) or none (`weight_grad`). A backward that
+    must itself be differentiable (create_graph=True, torch.func) runs torch's convolutions of
+    w * m."""
 
     @staticmethod
     def forward(x, weight_2d, bias, values, plan, weight_grad, geometry, grad_input_plan):
@@ -743,17 +750,82 @@ class _PanelConv2d(FullArgsFunction):
 
 
 def _kernel_grad_input(ctx, grad_out, x, weight):
-    """The input gradient on conv2d_panels (None where it cannot run there: strided, padded
-    beyond d * (k - 1), or a backward that must itself be differentiable)."""
-    kernel_size, _, padding, dilation = ctx.geometry
-    plan = ctx.grad_input_plan
-    # Padding d * (k - 1) - p restores the input's size from a stride-1 output.
-    padding_t = [step * (size - 1) - pad for size, pad, step in zip(kernel_size, padding, dilation)]
-    if plan is None or torch.is_grad_enabled() or min(padding_t) < 0:
+    """The input gradient on conv2d_panels, or None where it does not run there (a backward
+    that must itself be differentiable, or a geometry the plans were not built for)."""
+    plans = ctx.grad_input_plan
+    if plans is None or torch.is_grad_enabled() or plans.geometry != tuple(map(tuple, ctx.geometry)):
         return None
-    values = plan.pack(_flipped_transposed(weight))
-    return ops.conv2d_panels(grad_out.contiguous(), values, *plan.index, plan.size, x.shape[1], kernel_size, [1, 1],
-                             padding_t, dilation, backend=plan.backend)
+    return plans.grad_input(grad_out, weight, x.shape)
+
+
+class _InputGradientPlans:
+    """The input gradient of a convolution as convolutions of the output gradient on
+    conv2d_panels. Per spatial dimension, the input positions h = r (mod stride) form a phase:
+    the kernel taps i with (r + padding - dilation * i) divisible by the stride reach it, and
+    grad_x[r + stride * t] = sum over those taps of w[i] * grad_out[t + (r + padding -
+    dilation * i) / stride], a stride-1 correlation of grad_out with the taps in reverse order
+    (spaced dilation / gcd(dilation, stride) apart), channels in for out. Stride 1 is one phase
+    with every tap, the flipped, transposed kernel; stride s has up to s phases per dimension
+    whose taps together are the kernel, so the work is the dense gradient's times the density.
+    Built with the mask's plan (never in compiled code): one plan per phase."""
+
+    def __init__(self, mask: torch.Tensor, geometry, backend: str | None):
+        self.geometry = tuple(map(tuple, geometry))
+        kernel_size, stride, padding, dilation = self.geometry
+        per_dimension = [_phases(*parts) for parts in zip(kernel_size, stride, padding, dilation)]
+        self.phases = []
+        for residue_h, taps_h, step_h in per_dimension[0]:
+            for residue_w, taps_w, step_w in per_dimension[1]:
+                taps = (taps_h, taps_w)
+                self.phases.append(((residue_h, residue_w), taps, (step_h, step_w),
+                                    MaskPlan(_flipped_transposed(_taps(mask, taps)), backend=backend)))
+
+    def grad_input(self, grad_out: torch.Tensor, weight: torch.Tensor, input_shape) -> torch.Tensor:
+        kernel_size, stride, padding, dilation = self.geometry
+        single_phase = stride == (1, 1)
+        grad_x = None if single_phase else grad_out.new_zeros(input_shape)
+        for residues, taps, steps, plan in self.phases:
+            # Per dimension: the phase's input count, and the output gradient's padding (negative:
+            # cropped) that lines its taps up with a stride-1 correlation giving that count.
+            counts, pads = [], []
+            for d in range(2):
+                count = -(-(input_shape[2 + d] - residues[d]) // stride[d])
+                first = (residues[d] + padding[d] - dilation[d] * taps[d][-1]) // stride[d]
+                right = count + steps[d] * (len(taps[d]) - 1) - grad_out.shape[2 + d] + first
+                counts.append(count)
+                pads.append((-first, right))
+            if min(counts) <= 0:
+                continue
+            if all(left == right >= 0 for left, right in pads):
+                source, conv_padding = grad_out, [pads[0][0], pads[1][0]]
+            else:
+                source, conv_padding = F.pad(grad_out, (*pads[1], *pads[0])), [0, 0]
+            values = plan.pack(_flipped_transposed(_taps(weight, taps)))
+            part = ops.conv2d_panels(source.contiguous(), values, *plan.index, plan.size, input_shape[1],
+                                     [len(taps[0]), len(taps[1])], [1, 1], conv_padding, list(steps),
+                                     backend=plan.backend)
+            if single_phase:
+                return part
+            grad_x[:, :, residues[0]::stride[0], residues[1]::stride[1]] = part
+        return grad_x if grad_x is not None else grad_out.new_zeros(input_shape)
+
+
+def _phases(kernel: int, stride: int, padding: int, dilation: int) -> list[tuple[int, list[int], int]]:
+    """(residue, its taps ascending, their step in the output gradient) of each input phase
+    that some tap reaches, for one spatial dimension."""
+    phases = []
+    for residue in range(stride):
+        taps = [tap for tap in range(kernel) if (residue + padding - dilation * tap) % stride == 0]
+        if taps:
+            phases.append((residue, taps, dilation // math.gcd(dilation, stride)))
+    return phases
+
+
+def _taps(weight: torch.Tensor, taps: tuple[list[int], list[int]]) -> torch.Tensor:
+    """weight [out, in, kh, kw] at the given rows and columns of the kernel."""
+    if len(taps[0]) == weight.shape[2] and len(taps[1]) == weight.shape[3]:
+        return weight
+    return weight[:, :, taps[0]][:, :, :, taps[1]]
 
 
 def _flipped_transposed(weight: torch.Tensor) -> torch.Tensor:
