@@ -316,7 +316,20 @@ class MaskPlan:
         if not torch.compiler.is_compiling() and traced_by_functorch(weight, bias):
             # Per-sample or functional weights: the packed values would be of one weight.
             return torch.nn.functional.linear(x, masked_weight_for(weight, self.mask, None, kind), bias)
-        return _MaskedLinear.apply(x, weight, bias, self.pack(weight), self, kind)
+        return self.product(x, weight, bias, kind)
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                weight_grad: str) -> torch.Tensor:
+        """`linear` for a caller that has checked the plan, the weight gradient kind and that
+        `weight` is no torch.func-wrapped tensor (the sparse layers do, once per call). A call
+        that records no gradient skips the autograd.Function: a small layer's call is mostly
+        overhead."""
+        values = self.pack(weight)
+        if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))) \
+                or (not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()):
+            return _MaskedLinear.apply(x, weight, bias, values, self, weight_grad)
+        return self.forward(x, weight, values, bias)
 
     def __repr__(self) -> str:
         n, k = self.shape

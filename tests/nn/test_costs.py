@@ -32,13 +32,13 @@ def cost_model(tmp_path, monkeypatch):
 
 def _count_kernel_calls(monkeypatch):
     calls = {"kernel": 0}
-    real = MaskPlan.linear
+    real = MaskPlan.product
 
     def counted(self, *args, **kwargs):
         calls["kernel"] += 1
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(MaskPlan, "linear", counted)
+    monkeypatch.setattr(MaskPlan, "product", counted)
     return calls
 
 

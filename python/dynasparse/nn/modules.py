@@ -346,9 +346,9 @@ class _SparseMixin:
             return F.linear(x, masked_weight_for(weight_2d, self._mask_2d(), self.grad_mode, self.weight_grad), bias)
         if dense:
             return F.linear(x, self._dense_weight(weight_2d, self._mask_2d()), bias)
-        plan = self.plan()
-        return plan.linear(x, weight_2d, self._guarded_bias(plan, bias, x), self.grad_mode,
-                           weight_grad=self.weight_grad)
+        plan = self.plan()  # checked against the mask buffer's stamp; weights are unwrapped (above)
+        return plan.product(x, weight_2d, self._guarded_bias(plan, bias, x),
+                            weight_grad_of(self.grad_mode, self.weight_grad))
 
     # -- sparse or dense (costs.py) -------------------------------------------------------------
 
