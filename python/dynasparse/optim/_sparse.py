@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import checks
+from ..layout import GRAD_MODES
 from ..reference import optim as reference
 
 if TYPE_CHECKING:
     from ..layout import MaskPlan
-
-MODES = ("masked", "feedback")
 
 
 class SparseOptimizerMixin:
@@ -78,7 +77,7 @@ class SparseOptimizerMixin:
                              f"but the parameter has shape {list(param.shape)}")
         if mask.device != param.device:
             raise ValueError(f"{name}.set_mask: mask is on {mask.device} but the parameter is on {param.device}")
-        if mode not in MODES:
+        if mode not in GRAD_MODES:  # an optimizer's mode is the layer's grad mode
             raise ValueError(f"{name}.set_mask: mode must be 'masked' or 'feedback', got {mode!r}")
         if packing_plan is not None and not callable(packing_plan):
             raise TypeError(f"{name}.set_mask: packing_plan must be a callable returning a MaskPlan or None "
