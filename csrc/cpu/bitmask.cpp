@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "bitmask.h"
+#include "parallel.h"
 
 namespace dynasparse {
 namespace {
@@ -47,7 +48,7 @@ at::Tensor pack_mask_cpu(const at::Tensor& mask_in) {
   const auto* src = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   auto* dst = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
 
-  at::parallel_for(0, rows * words, kWordsPerTask, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows * words, kWordsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t row = index / words;
       const int64_t first = (index % words) * kBitsPerWord;
@@ -75,7 +76,7 @@ at::Tensor unpack_mask_cpu(const at::Tensor& packed_in, int64_t k) {
   const auto* src = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
   auto* dst = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
 
-  at::parallel_for(0, rows * words, kWordsPerTask, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows * words, kWordsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t row = index / words;
       const int64_t first = (index % words) * kBitsPerWord;

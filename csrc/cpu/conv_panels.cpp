@@ -26,6 +26,7 @@
 
 #include "matmul.h"
 #include "panels.h"
+#include "parallel.h"
 
 namespace dynasparse {
 namespace {
@@ -46,7 +47,7 @@ void conv_generic(PanelPlanCheck& check, const ConvShape& s, const scalar_t* x, 
                   const int64_t* row_ptr, const int16_t* cols, int64_t panel, const scalar_t* bias, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t panels = panel_count(s.k, panel), pixels = s.pixels(), taps = s.kh * s.kw;
-  at::parallel_for(0, s.batch * s.n, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, s.batch * s.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(pixels);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t img = task / s.n, row = task % s.n;
@@ -269,7 +270,7 @@ void conv_float_avx512(PanelPlanCheck& check, const ConvShape& s, const float* x
                        const int64_t* row_ptr, const int16_t* cols, int64_t panel, const float* bias, float* y) {
   const int vecs = vectors_for(s.pixels());
   const int64_t tasks = s.batch * ceil_div(s.pixels(), 16 * vecs);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4: return conv_tasks_avx512<4>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);
       case 2: return conv_tasks_avx512<2>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);

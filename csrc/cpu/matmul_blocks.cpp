@@ -33,6 +33,7 @@
 
 #include "half_as_float.h"
 #include "matmul.h"
+#include "parallel.h"
 
 namespace dynasparse {
 namespace {
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> plan_blocks_cpu(const at::Tensor& mask_in, in
 
   std::vector<uint8_t> occupied(block_rows * block_cols, 0);
   std::vector<int64_t> counts(block_rows, 0);
-  at::parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t br = begin; br < end; ++br) {
       uint8_t* occ = occupied.data() + br * block_cols;
       const int64_t r0 = br * block, rows = std::min(block, n - r0);
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> plan_blocks_cpu(const at::Tensor& mask_in, in
   for (int64_t br = 0; br < block_rows; ++br) ptr[br + 1] = ptr[br] + counts[br];
   at::Tensor cols = at::empty({ptr[block_rows]}, mask.options().dtype(at::kInt));
   int32_t* out = cols.data_ptr<int32_t>();
-  at::parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t br = begin; br < end; ++br) {
       const uint8_t* occ = occupied.data() + br * block_cols;
       int32_t* dst = out + ptr[br];
@@ -180,7 +181,7 @@ at::Tensor pack_blocks_cpu(const at::Tensor& weight, const at::Tensor& mask, con
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const bool* m = mask.data_ptr<bool>();
     scalar_t* out = values.data_ptr<scalar_t>();
-    at::parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t br = begin; br < end; ++br) {
         for (int64_t q = row_ptr[br]; q < row_ptr[br + 1]; ++q) {
           pack_one_block(w, weight.stride(0), weight.stride(1), m, mask.stride(0), mask.stride(1), n, k,
@@ -204,7 +205,7 @@ at::Tensor unpack_blocks_cpu(const at::Tensor& values_in, const at::Tensor& row_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "unpack_blocks", [&] {
     const scalar_t* src = values.data_ptr<scalar_t>();
     scalar_t* out = dense.data_ptr<scalar_t>();
-    at::parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
       for (int64_t br = begin; br < end; ++br) {
         const int64_t r0 = br * block, rows = std::min(block, n - r0);
         std::fill(out + r0 * k, out + (r0 + rows) * k, scalar_t(0));
@@ -231,7 +232,7 @@ void spmm_portable(const at::Tensor& x, const at::Tensor& values, const int64_t*
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* v = values.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  at::parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(block);
     for (int64_t br = begin; br < end; ++br) {
       const int64_t r0 = br * block, rows = std::min(block, n - r0);
@@ -369,7 +370,7 @@ void transpose_into(const float* src, int64_t s0, int64_t s1, int64_t rows, int6
                     int64_t ld_dst) {
   constexpr int64_t kTile = 32;
   const int64_t tiles_per_task = ceil_div(1 << 16, kTile * std::max<int64_t>(rows, 1));
-  at::parallel_for(0, ceil_div(cols, kTile), tiles_per_task, [&](int64_t begin, int64_t end) {
+  parallel_for(0, ceil_div(cols, kTile), tiles_per_task, [&](int64_t begin, int64_t end) {
     for (int64_t jt = begin; jt < end; ++jt) {
       const int64_t j1 = std::min(cols, (jt + 1) * kTile);
       for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
@@ -382,7 +383,7 @@ void transpose_into(const float* src, int64_t s0, int64_t s1, int64_t rows, int6
 }
 
 void add_bias(const float* bias, int64_t rows_m, int64_t n, float* y) {
-  at::parallel_for(0, rows_m, ceil_div(1 << 16, std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows_m, ceil_div(1 << 16, std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t r = 0; r < n; ++r) y[m * n + r] += bias[r];
   });
@@ -395,7 +396,7 @@ void spmm_fast_small(const at::Tensor& x_in, const at::Tensor& values, const int
   const float* xp = x.data_ptr<float>();
   const float* v = values.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
     for (int64_t br = begin; br < end; ++br) {
       if (block == 16) spmm_small_block_row<16>(v, row_ptr, cols, br, xp, rows_m, k, yp, n);
       else if (block == 32) spmm_small_block_row<32>(v, row_ptr, cols, br, xp, rows_m, k, yp, n);
@@ -421,7 +422,7 @@ void spmm_fast(const at::Tensor& x, const at::Tensor& values, const int64_t* row
   const float* xtp = xt.data_ptr<float>();
   const float* v = values.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, block_rows, 1, [&](int64_t begin, int64_t end) {
     // One block row of y.T at a time, written back (plus bias) while it is still in cache.
     std::vector<float> rows_t(block * ldx);
     for (int64_t br = begin; br < end; ++br) {
@@ -573,7 +574,7 @@ template <typename scalar_t>
 void sddmm_rows(const scalar_t* g, const scalar_t* x, int64_t rows_m, const at::Tensor& mask, const int64_t* row_ptr,
                 const int32_t* cols, int64_t block, int64_t n, int64_t k, bool fast, scalar_t* out) {
   const bool* m = mask.data_ptr<bool>();
-  at::parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, ceil_div(n, block), 1, [&](int64_t begin, int64_t end) {
     std::vector<at::opmath_type<scalar_t>> acc;
     std::vector<int64_t> full;
     for (int64_t br = begin; br < end; ++br) {

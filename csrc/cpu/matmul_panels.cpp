@@ -24,6 +24,7 @@
 
 #include "matmul.h"
 #include "panels.h"
+#include "parallel.h"
 
 namespace dynasparse {
 namespace {
@@ -82,7 +83,7 @@ int64_t count_plan(const uint8_t* mask, int64_t n, int64_t k, int64_t panel, int
   const int64_t panels = panel_count(k, panel);
   // Pass 1: row_ptr[1 + p * n + row] = nonzeros of row inside panel p.
   row_ptr[0] = 0;
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t p = 0; p < panels; ++p) {
         int64_t count = 0;
@@ -103,7 +104,7 @@ int64_t count_plan(const uint8_t* mask, int64_t n, int64_t k, int64_t panel, int
 template <bool kAvx512>
 void fill_plan(const uint8_t* mask, int64_t n, int64_t k, int64_t panel, const int64_t* row_ptr, int16_t* cols) {
   const int64_t panels = panel_count(k, panel);
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t p = 0; p < panels; ++p) {
         int16_t* out = cols + row_ptr[p * n + row];
@@ -152,7 +153,7 @@ constexpr int64_t kPackRows = 16;
 template <typename Visit, typename StartRows>
 void for_each_nonzero(PanelPlanCheck& check, const int64_t* row_ptr, const int16_t* cols, int64_t n, int64_t panels,
                       int64_t panel, const Visit& visit, const StartRows& start_rows) {
-  at::parallel_for(0, ceil_div(n, kPackRows), 1, [&](int64_t block_begin, int64_t block_end) {
+  parallel_for(0, ceil_div(n, kPackRows), 1, [&](int64_t block_begin, int64_t block_end) {
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t row_end = std::min(n, (block + 1) * kPackRows);
       if (!check.rows_ok(block * kPackRows, row_end)) return check.fail();
@@ -221,7 +222,7 @@ void spmm_generic(PanelPlanCheck& check, const at::Tensor& x, const scalar_t* va
   const int64_t batch = x.size(0), k = x.size(1), panels = panel_count(k, panel);
   const int64_t batch_stride = x.stride(0), col_stride = x.stride(1);
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       // Once per row, not once per batch row.
       for (int64_t p = 0; p < panels; ++p) {
@@ -254,7 +255,7 @@ void sddmm_generic(PanelPlanCheck& check, const at::Tensor& grad_out, const at::
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
   const int64_t g_batch = grad_out.stride(0), g_col = grad_out.stride(1);
   const int64_t x_batch = x.stride(0), x_col = x.stride(1);
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t p = 0; p < panels; ++p) {
         if (!segment_ok_scalar(cols, row_ptr[p * n + row], row_ptr[p * n + row + 1], check.nnz(), check.width(p))) {
@@ -290,7 +291,7 @@ at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
   const int64_t batch_stride = m.stride(0), col_stride = m.stride(1);
   constexpr int64_t kBlock = 64;
   const int64_t col_blocks = ceil_div(cols, kBlock);
-  at::parallel_for(0, slices * col_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, slices * col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t slice = task / col_blocks, c0 = (task % col_blocks) * kBlock;
       const int64_t c1 = std::min(cols, c0 + kBlock);
@@ -491,7 +492,7 @@ void spmm_float_avx512(PanelPlanCheck& check, const at::Tensor& x, const float* 
   if (batch == 1) {
     const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
     const float* xs = x_row.const_data_ptr<float>();
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
       spmv_rows_avx512(check, xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
     });
     return;
@@ -500,7 +501,7 @@ void spmm_float_avx512(PanelPlanCheck& check, const at::Tensor& x, const float* 
   const at::Tensor slices = batch_slices(x, 16 * vecs);
   const float* xs = slices.const_data_ptr<float>();
   const int64_t slice_count = slices.size(0);
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4:
         return spmm_rows_avx512<4>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
@@ -524,7 +525,7 @@ void sddmm_float_avx512(PanelPlanCheck& check, const at::Tensor& grad_out, const
   const float* gs = g_slices.const_data_ptr<float>();
   const float* xs = x_slices.const_data_ptr<float>();
   const int64_t slice_count = x_slices.size(0);
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4: return sddmm_rows_avx512<4>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
       case 2: return sddmm_rows_avx512<2>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);

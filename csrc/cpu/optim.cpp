@@ -22,6 +22,7 @@
 
 #include "optim.h"
 #include "panels.h"
+#include "parallel.h"
 
 namespace dynasparse {
 namespace {
@@ -164,7 +165,7 @@ at::Tensor run_spans(at::TensorList params, const std::vector<TensorPointers>& t
     }
   }
   std::vector<double> shares(spans.size());
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
+  parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t index = first; index < last; ++index) {
       const Span& span = spans[index];
       const TensorPointers& t = tensors[span.tensor];
