@@ -32,6 +32,9 @@ def _reproduce(argv: list[str]) -> int:
                      "-quick appended with --quick): the run index, the models and the report")
     sub.add_argument("--workers", type=int, default=None,
                      help="worker processes (default: the CPU cores at hand; 0: in this process)")
+    sub.add_argument("--data", default=None, metavar="DATA",
+                     help="the data set: NAME itself where its runs use DATA, else its variant registered as "
+                     "NAME-DATA (zoo-twins and minified: mnist1d, their default, or digits)")
     args = sub.parse_args(argv)
     if args.list:
         for name, description in registry.available().items():
@@ -44,14 +47,15 @@ def _reproduce(argv: list[str]) -> int:
         sub.error(f"unknown experiment {args.name!r}; registered: {', '.join(known)}")
     if args.workers is not None and args.workers < 0:
         sub.error("--workers must be >= 0")
-    out = registry.default_out(args.name, args.quick) if args.out is None else args.out
+    name = args.name if args.data is None else _on_data(sub, known, args.name, args.data)
+    out = registry.default_out(name, args.quick) if args.out is None else args.out
     try:
         Store(out)  # a directory that cannot be written fails now, not after the training
     except (OSError, ValueError) as error:
         sub.error(f"--out {out}: {error}")
-    result = registry.reproduce(args.name, out=out, quick=args.quick, workers=args.workers)
+    result = registry.reproduce(name, out=out, quick=args.quick, workers=args.workers)
     population = result.population
-    print(f"{args.name}: {len(population.records)} runs, {population.computed} trained now, {population.reused} "
+    print(f"{name}: {len(population.records)} runs, {population.computed} trained now, {population.reused} "
           f"already stored ({population.seconds:.1f} s)")
     if population.stale_note():
         print(population.stale_note())
@@ -66,6 +70,22 @@ def _reproduce(argv: list[str]) -> int:
         print(text_table([(claim.claim, claim.verdict) for claim in result.report.claims], ("claim", "verdict")))
     print(f"wrote {', '.join(str(path) for path in result.paths.values())}")
     return 0
+
+
+def _on_data(sub: argparse.ArgumentParser, known: dict[str, str], name: str, data: str) -> str:
+    """The registered experiment that is `name` on data set `data`: NAME-DATA, or NAME itself
+    when its runs use that data set."""
+    from dynasparse.experiments import registry
+
+    variant = f"{name}-{data}"
+    if variant in known:
+        return variant
+    used = sorted({spec.data for spec in registry.get(name).specs(True)})
+    if used == [data]:
+        return name
+    variants = sorted(other.removeprefix(f"{name}-") for other in known if other.startswith(f"{name}-"))
+    sub.error(f"--data {data}: experiment {name!r} runs on {', '.join(used)}, and no {variant!r} is registered"
+              + (f" (its variants: {', '.join(variants)})" if variants else ""))
 
 
 def _runs(argv: list[str]) -> int:
@@ -117,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         "RigL with the DPF claims table, then sparse vs dense speed (dynasparse demo --help)",
                         add_help=False)
     commands.add_parser("reproduce", help="run a registered experiment and write its report: --list, NAME [--quick] "
-                        "[--out DIR] [--workers N] (dynasparse reproduce --help)", add_help=False)
+                        "[--data DATA] [--out DIR] [--workers N] (dynasparse reproduce --help)", add_help=False)
     commands.add_parser("runs", help="what an experiment directory holds and what is missing (dynasparse runs DIR)",
                         add_help=False)
     commands.add_parser("advise", help="time each convertible layer of a model sparse against dense on this machine "

@@ -94,6 +94,39 @@ def test_command_line_errors(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["reproduce", "minified", "--data", "digits"], "minified-digits"),
+    (["reproduce", "zoo-twins", "--data", "digits"], "zoo-twins-digits"),
+    (["reproduce", "zoo-twins", "--data", "mnist1d"], "zoo-twins"),  # its own data set
+    (["reproduce", "minified-digits", "--data", "digits"], "minified-digits"),
+    (["reproduce", "minified"], "minified"),
+])
+def test_data_picks_the_experiment_registered_for_that_data_set(argv, expected, tmp_path, monkeypatch):
+    called = {}
+
+    def reproduce(name, **options):
+        called.update(name=name, **options)
+        raise KeyboardInterrupt  # stop before printing a result this fake does not have
+
+    monkeypatch.setattr(registry, "reproduce", reproduce)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main([*argv, "--quick", "--out", str(tmp_path)])
+    assert called["name"] == expected and called["quick"] and called["out"] == str(tmp_path)
+
+
+def test_data_without_a_variant_is_refused_naming_what_exists(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(registry, "reproduce", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["reproduce", "zoo-twins", "--data", "cifar", "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--data cifar: experiment 'zoo-twins' runs on mnist1d, and no 'zoo-twins-cifar' is registered" in error
+    assert "(its variants: digits)" in error
+    with pytest.raises(SystemExit):
+        cli_main(["reproduce", "demo", "--data", "digits", "--out", str(tmp_path)])
+    assert "experiment 'demo' runs on mnist1d, and no 'demo-digits' is registered" in capsys.readouterr().err
+
+
 def test_unwritable_out_and_missing_directory_are_refused_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(registry, "reproduce", lambda *a, **k: pytest.fail("training started"))
     blocker = tmp_path / "file"

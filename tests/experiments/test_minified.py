@@ -40,6 +40,9 @@ def test_quick_population_builds_with_every_protocol():
     full = minified.specs()
     assert len(full) > len(population) and {spec.seed for spec in full} == {0, 1, 2}
     assert registry.get("minified").specs is minified.specs
+    digits = registry.get("minified-digits").specs(True)
+    assert [spec.run_id for spec in digits] == [spec.run_id for spec in minified.specs(True, data="digits")]
+    assert {spec.data for spec in digits} == {"digits"} and {spec.model for spec in digits} == {"mlp", "digits-cnn"}
 
 
 @pytest.mark.parametrize("model, options", [("mlp", {"hidden": [128, 128]}), ("cnn1d", {"channels": [32, 30, 7]}),

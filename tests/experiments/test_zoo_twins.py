@@ -1,7 +1,7 @@
-"""The zoo-twins experiment: its population, its analyses on hand-made populations (VD-MP
-differences, the crossover and its bootstrap, correlations and their verdicts, the per-epoch
-VD points), and a tiny end-to-end reproduction whose agreements and masks are recomputed from
-the stored models."""
+"""The zoo-twins experiment: its population (the dropout grid, the digits zoo), its analyses on
+hand-made populations (VD-MP differences, the crossover and its bootstrap, correlations and their
+verdicts, the per-epoch VD points), and a tiny end-to-end reproduction whose agreements and masks
+are recomputed from the stored models, MP at VD's sparsity included."""
 
 import json
 import math
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from torch import nn
 
-from dynasparse.experiments import data, registry, reports
+from dynasparse.experiments import data, models, registry, reports
 from dynasparse.experiments.catalog import zoo_twins as zt
 from dynasparse.experiments.runner import run_population
 from dynasparse.experiments.store import Store
@@ -30,14 +31,18 @@ def test_population_sizes_and_the_hyperparameter_grid():
     assert {s.model_options["init"] for s in hyper} == set(zt.GRID["init"])
     assert {(s.optimizer, s.lr) for s in hyper} == set(zt.GRID["optimizer"])
     assert {s.optimizer_options["weight_decay"] for s in hyper} == set(zt.GRID["weight_decay"])
+    assert {s.model_options.get("dropout", 0.0) for s in hyper} == set(zt.GRID["dropout"])
     full = zt.zoo(zt.FULL)
-    assert len(full["seed"]) == 100 and len(full["hyper"]) == len(zt.grid()) == 48
-    assert len({s.run_id for s in full["seed"] + full["hyper"]}) == 148
+    assert len(full["seed"]) == 100 and len(full["hyper"]) == len(zt.grid()) == 96
+    assert len({s.run_id for s in full["seed"] + full["hyper"]}) == 196
+    assert [zt.settings_of(s) for s in full["hyper"]] == zt.grid()
+    # Dropout 0 leaves the option out: those models (and their run ids) are the ones without it.
+    assert all(("dropout" in s.model_options) == (zt.settings_of(s)["dropout"] > 0) for s in full["hyper"])
     twins = zt.twins(zoo[0], zt.QUICK)
     assert all(t.parent == zoo[0] and t.seed == zoo[0].seed for runs in twins.values() for t in runs)
     assert [t.transform_options["sparsity"] for t in twins["mp"]] == list(zt.RATIOS)
     assert all(t.steps == 0 for t in twins["mp"]) and all(t.steps > 0 for t in twins["mp-ft"])
-    assert twins["vd"][0].method == "vd" and twins["vd"][0].eval_every == zt.EPOCH
+    assert twins["vd"][0].method == "vd" and twins["vd"][0].eval_every == zt.ZOOS["mnist1d"].epoch
     assert "zoo-twins" in registry.available()
 
 
@@ -155,17 +160,20 @@ def test_vd_points_and_population_tables():
 
 
 def test_tiny_reproduction_end_to_end(tmp_path):
-    size = zt.Size(seeds=2, hyper=1, zoo_epochs=1, vd_epochs=2, finetune_epochs=1, ratios=(0.5, 0.9))
+    # Two hyperparameter-zoo models: the grid's first setting and one with dropout.
+    size = zt.Size(seeds=2, hyper=2, zoo_epochs=1, vd_epochs=2, finetune_epochs=1, ratios=(0.5, 0.9))
     specs = zt.specs(size=size)
     population = run_population(specs, tmp_path, executor="inline", hooks=zt.hooks, progress=False)
     assert population.complete
     store = Store(tmp_path)
-    report = zt.analyze(population.records, store, True, size)
+    report = zt.analyze(population.records, store, True, size, executor="inline")
     paths = report.write(tmp_path, "zoo-twins")
     for name in ("markdown", "json", "accuracy", "trajectory", "layers", "correlation", "crossover"):
         assert paths[name].exists() and paths[name].stat().st_size > 0
     numbers = json.loads(paths["json"].read_text())["numbers"]
-    assert len(numbers["models"]) == 3
+    assert len(numbers["models"]) == 4
+    assert [row["dropout"] for row in numbers["hyperparameter_zoo"]] == [0.0, 0.2]
+    assert "| dropout |" in paths["markdown"].read_text()
     claims = [c.claim for c in report.claims]
     assert any("crossover" in c or "VD wins above" in c for c in claims)
     assert any("strongly correlated" in c for c in claims) and any("agree" in c for c in claims)
@@ -183,7 +191,7 @@ def test_tiny_reproduction_end_to_end(tmp_path):
         assert vd_twin["agreement"] == pytest.approx(float((vd(inputs).argmax(1) == reference).double().mean()))
         assert vd_twin["accuracy"] == pytest.approx(float((vd(inputs).argmax(1) == labels).double().mean()))
     vd_metrics = records[twins["vd"][0].run_id].metrics
-    assert [step for step, _ in vd_metrics["vd_trajectory"]][-1] == 2 * zt.EPOCH
+    assert [step for step, _ in vd_metrics["vd_trajectory"]][-1] == 2 * zt.ZOOS["mnist1d"].epoch
     assert [p["epoch"] for p in vd_twin["points"]] == [1, 2]
     assert all(isinstance(m, (SparseLinear, SparseConv2d)) for m in vd.modules() if hasattr(m, "mask"))
     assert not any("log_sigma2" in key for key in vd.state_dict())
@@ -196,3 +204,81 @@ def test_tiny_reproduction_end_to_end(tmp_path):
         for a, b in zip(mp_layers, (m for m in ft.modules() if hasattr(m, "mask"))):
             assert torch.equal(a.mask, b.mask)  # fine-tuning keeps MP's mask
             assert bool((b.weight[~b.mask] == 0).all())
+
+    # MP at VD's sparsity: stored runs pruning exactly as many weights as the VD twin did, without
+    # and with the fine-tuning, which the report's comparisons at VD's sparsity take.
+    def pruned(model):
+        return [~m.mask for m in model.modules() if hasattr(m, "mask")]
+
+    matched, tuned = zt.magnitude_twins(zoo, vd_metrics["sparsity"], size)
+    matched_model, tuned_model = store.load_model(matched.run_id), store.load_model(tuned.run_id)
+    assert sum(int(m.sum()) for m in pruned(matched_model)) == sum(int(m.sum()) for m in pruned(vd))
+    assert all(torch.equal(a, b) for a, b in zip(pruned(matched_model), pruned(tuned_model)))
+    at_vd = {t["method"]: t for t in entry["twins"] if t["method"].endswith("@vd")}
+    with torch.no_grad():
+        for method, model, spec in (("mp@vd", matched_model, matched), ("mp-ft@vd", tuned_model, tuned)):
+            accuracy = float((model.eval()(inputs).argmax(1) == labels).double().mean())
+            assert at_vd[method]["accuracy"] == pytest.approx(accuracy)
+            assert store.get(spec.run_id).metrics["accuracy"] == pytest.approx(accuracy)
+    assert vd_twin["mp_matched"][-1]["accuracy"] == at_vd["mp@vd"]["accuracy"]
+    assert at_vd["mp-ft@vd"]["sparsity"] == pytest.approx(vd_twin["sparsity"])
+    tuned_row = next(row for row in numbers["accuracy"] if row["method"] == "mp-ft@vd")
+    assert tuned_row["n"] == 4 and tuned_row["at"] == "epoch 2"
+    assert sum("at VD's own final sparsity" in c for c in claims) == 2
+    # A second analysis reuses them.
+    again = run_population(zt.matched_twins(population.records, size), tmp_path, executor="inline", progress=False)
+    assert again.complete and again.computed == 0 and len(again.records) == 8
+
+
+def test_the_digits_zoo_is_the_papers_cnn_on_8x8_images():
+    quick = zt.digits_specs(quick=True)
+    assert registry.get("zoo-twins-digits").specs is zt.digits_specs
+    setup = zt.ZOOS["digits"]
+    assert {s.data for s in quick} == {"digits"} and {s.model for s in quick} == {"zoo-cnn"}
+    assert all(s.model_options["padding"] == 2 for s in quick)
+    zoo = [s for s in quick if s.parent is None]
+    assert len(zoo) == zt.QUICK.seeds + zt.QUICK.hyper and len(quick) == len(zoo) * (2 + 2 * len(zt.RATIOS))
+    assert all(s.steps == zt.QUICK.zoo_epochs * setup.epoch for s in zoo)
+    assert [zt.settings_of(s) for s in zoo] == [zt.settings_of(s) for s in zt.zoo(zt.QUICK)["seed"] +
+                                                zt.zoo(zt.QUICK)["hyper"]]
+    for vd in (s for s in quick if s.method == "vd"):
+        assert vd.eval_every == setup.epoch and vd.steps == zt.QUICK.vd_epochs * setup.epoch
+        assert setup.epoch % vd.method_options["update_every"] == 0  # a fresh mask at every epoch's end
+    ft = [s for s in quick if s.transform == zt.MAGNITUDE and s.steps]
+    assert ft and all(s.steps == zt.QUICK.finetune_epochs * setup.epoch for s in ft)
+    # Each setup's epoch is one pass over its training set in batches of 50, and its network the
+    # stated one.
+    for name, each in zt.ZOOS.items():
+        dataset = data.load(name)
+        assert len(dataset.train[1]) // zt.BATCH == each.epoch
+        model = models.build(each.model, input_shape=dataset.input_shape, classes=dataset.classes,
+                             **each.architecture)
+        assert sum(p.numel() for p in model.parameters()) == each.parameters
+        assert model(dataset.test[0][:3]).shape == (3, dataset.classes)
+    with pytest.raises(ValueError, match="data must be one of mnist1d, digits"):
+        zt.specs(quick=True, data_name="cifar")
+
+
+def test_cnn1d_dropout_drops_after_every_activation_in_training_only():
+    torch.manual_seed(3)
+    architecture = zt.ZOOS["mnist1d"].architecture
+    plain = models.build("cnn1d", input_shape=(1, 40), classes=10, **architecture)
+    dropped = models.build("cnn1d", input_shape=(1, 40), classes=10, dropout=0.2, **architecture)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    assert [name for name, m in dropped.named_modules() if isinstance(m, nn.Dropout)] == ["drop1", "drop2", "drop3"]
+    dropped.load_state_dict(plain.state_dict())  # dropout holds no parameters
+    x = torch.randn(200, 1, 40)
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(x), plain.eval()(x))
+        seen = {}
+        for name in ("act1", "drop1"):
+            getattr(dropped, name).register_forward_hook(lambda _, __, out, _name=name: seen.__setitem__(_name, out))
+        dropped.train()(x)
+    active = seen["act1"] != 0
+    zeroed = (seen["drop1"] == 0) & active
+    # Each active unit zeroed with probability 0.2 (about 96,000 of them), the kept ones scaled by 1 / 0.8.
+    assert float(zeroed.sum() / active.sum()) == pytest.approx(0.2, abs=0.01)
+    kept = active & ~zeroed
+    torch.testing.assert_close(seen["drop1"][kept], seen["act1"][kept] / 0.8)
+    with pytest.raises(ValueError, match="cnn1d option dropout"):
+        models.build("cnn1d", input_shape=(1, 40), classes=10, dropout=1.0)

@@ -13,6 +13,7 @@ from torch import nn
 import dynasparse.optim
 from dynasparse.nn import SparseConv1d, SparseConv2d, SparseLinear
 from dynasparse.nn.variational import VDConv1d, VDConv2d, VDLinear
+from tests.nn.test_costs import cost_model  # noqa: F401  (the fixture: a fresh cost model, fake timings)
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 # Samples per output of the Monte-Carlo checks, and the bound in standard errors: a fresh
@@ -245,7 +246,7 @@ def test_gradients_reach_theta_and_log_sigma2(kind, grad_mode, backend, monkeypa
     layer.set_mask(mask)
     eps = torch.randn_like(product(x, layer.weight.detach(), None))
     grad_out = torch.randn_like(eps)
-    monkeypatch.setattr(torch, "randn_like", lambda t: eps.to(t.dtype))
+    monkeypatch.setattr(torch, "randn_like", lambda t, **kwargs: eps.to(t.dtype))
     loss = (layer(x) * grad_out).sum() + layer.kl()
     got = torch.autograd.grad(loss, (layer.weight, layer.log_sigma2, layer.bias))
 
@@ -270,24 +271,90 @@ def test_gradients_reach_theta_and_log_sigma2(kind, grad_mode, backend, monkeypa
     assert float(got[1].abs().sum()) > 0 and float(got[0].abs().sum()) > 0
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d"])
 def test_both_training_products_run_on_the_masked_kernels(kind, monkeypatch):
-    """The mean and the variance product each call the masked matmul once, with packed values
-    of the active weights only (the pruned ones are skipped), and never torch's dense product."""
+    """The mean and the variance product each call the masked kernel once (the masked matmul;
+    a convolution the implicit-GEMM one, VDConv1d's through the same 2-D kernel), with packed
+    values of the active weights only (the pruned ones are skipped), and never torch's dense
+    product."""
     torch.manual_seed(11)
-    layer = VDLinear(40, 24) if kind == "linear" else VDConv2d(3, 8, 3, padding=1)
+    layer, x, op = {"linear": (VDLinear(40, 24), torch.randn(4, 40), "spmm_panels"),
+                    "conv2d": (VDConv2d(3, 8, 3, padding=1), torch.randn(2, 3, 6, 6), "conv2d_panels"),
+                    "conv1d": (VDConv1d(3, 8, 5, stride=2, padding=2), torch.randn(2, 3, 11), "conv2d_panels")}[kind]
     spread_log_alpha(layer)
     layer.refresh_mask()
-    x = torch.randn(4, 40) if kind == "linear" else torch.randn(2, 3, 6, 6)
     sizes = []
-    original = dynasparse.ops.spmm_panels
-    monkeypatch.setattr(dynasparse.ops, "spmm_panels", lambda x, values, *args, **kwargs: sizes.append(values.numel())
-                        or original(x, values, *args, **kwargs))
-    monkeypatch.setattr(F, "linear", None)
-    monkeypatch.setattr(F, "conv2d", None)
+    for name in ("spmm_panels", "conv2d_panels"):
+        original = getattr(dynasparse.ops, name)
+        monkeypatch.setattr(dynasparse.ops, name, lambda x, values, *args, _op=original, _name=name, **kwargs:
+                            sizes.append((_name, values.numel())) or _op(x, values, *args, **kwargs))
+    for dense in ("linear", "conv1d", "conv2d"):
+        monkeypatch.setattr(F, dense, None)
     layer(x)
     active = int(layer.mask.sum())
-    assert active < layer.mask.numel() and sizes == [active, active]
+    assert active < layer.mask.numel() and sizes == [(op, active), (op, active)]
+
+
+def _count_products(monkeypatch) -> dict:
+    """Calls of the kernels (masked matmul, implicit-GEMM convolution) and of torch's dense products."""
+    calls = {"kernel": 0, "dense": 0}
+    for owner, names, kind in ((dynasparse.ops, ("spmm_panels", "conv2d_panels"), "kernel"),
+                               (F, ("linear", "conv1d", "conv2d"), "dense")):
+        for name in names:
+            real = getattr(owner, name)
+
+            def counted(*args, _real=real, _kind=kind, **kwargs):
+                calls[_kind] += 1
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("timings", [(1.0, 2.0), (2.0, 1.0)], ids=["sparse-wins", "dense-wins"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d"])
+def test_auto_runs_the_measured_way_with_the_same_noise_values_and_gradients(kind, timings, monkeypatch,
+                                                                             cost_model):  # noqa: F811
+    """backend="auto" measures its first training call (both ways once, drawing no noise, so the
+    generator is where the pinned layers leave it), then runs the faster way; the output and the
+    gradients equal the kernels' and torch's dense ops' for the same generator state (the noise
+    is drawn in the output's logical order on every way). The eval forward is keyed apart."""
+    _, fake_costs = cost_model
+    fake_costs["timings"] = timings
+    torch.manual_seed(14)
+    auto, x = {"linear": lambda: (VDLinear(23, 9), torch.randn(6, 23)),
+               "conv2d": lambda: (VDConv2d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 7, 8)),
+               "conv1d": lambda: (VDConv1d(3, 5, 5, padding=2), torch.randn(4, 3, 13))}[kind]()
+    spread_log_alpha(auto)
+    auto.refresh_mask()
+    layers = {"auto": auto, "sparse": copy.deepcopy(auto), "dense": copy.deepcopy(auto)}
+    for backend, layer in layers.items():
+        layer.backend = backend
+    x.requires_grad_()
+    results = {}
+    for backend, layer in layers.items():
+        torch.manual_seed(15)
+        out = layer(x)
+        generator = torch.get_rng_state()
+        grad_out = torch.randn_like(out)
+        loss = (out * grad_out).sum() + layer.kl()
+        results[backend] = (out, generator, torch.autograd.grad(loss, (x, layer.weight, layer.log_sigma2, layer.bias)))
+    assert fake_costs["measured"] == 1
+    assert torch.equal(results["auto"][1], results["sparse"][1])
+    for other in ("sparse", "dense"):
+        torch.testing.assert_close(results["auto"][0], results[other][0], rtol=1e-5, atol=1e-5)
+        for name, a, b in zip(("input", "theta", "log_sigma2", "bias"), results["auto"][2], results[other][2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} gradient, auto vs {other}")
+    [row] = auto.backend_report()
+    chosen = "sparse" if timings[0] < timings[1] else "dense"
+    assert row["choice"] == chosen and row["key"][2][-1] == "lrt"
+    calls = _count_products(monkeypatch)
+    auto(x)
+    assert calls == ({"kernel": 2, "dense": 0} if chosen == "sparse" else {"kernel": 0, "dense": 2})
+    auto.eval()
+    auto(x)
+    assert fake_costs["measured"] == 2
+    assert sorted(row["key"][2][-1] for row in auto.backend_report()) == ["eval", "lrt"]
 
 
 def test_all_pruned_and_empty_batches():

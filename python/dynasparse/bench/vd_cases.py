@@ -5,9 +5,12 @@ KL, backward, AdamW step) of a layer whose weights are 90% pruned (log_alpha >= 
 layer's input requiring grad as a hidden layer's does. The baseline is a dense VD
 implementation of the same layer, as Molchanov et al.'s code computes it: both products with
 torch's dense F.linear / F.conv2d over all weights (theta * mask and alpha * theta**2 * mask,
-so its values are the sparse layer's), torch.optim.AdamW (foreach). The variant "dynasparse" is
-VDLinear / VDConv2d with dynasparse.optim.AdamW driven by its mask (masked mode): both products
-and their backward on the masked kernels.
+so its values are the sparse layer's), torch.optim.AdamW (foreach). The variants are VDLinear /
+VDConv2d with dynasparse.optim.AdamW driven by its mask (masked mode): "dynasparse" pinned to
+the kernels (backend="sparse": both products and their backward on the masked kernels, a
+convolution on the implicit-GEMM one), "dynasparse-auto" as the layers are built by default
+(backend="auto": each call the faster of the kernels and torch's dense ops on the masked
+weights, measured on its first call, which the harness's warm-up includes).
 
 Sizes: a 4096 x 4096 layer at batch 128 (the issue's >= 3x target) and 1024 at batch 32
 (quick), and the layers of the experiment's zoo CNNs: the 1-D CNN's middle convolution
@@ -16,6 +19,8 @@ CNN's second convolution (8 -> 6 channels, 5 x 5, 12 x 12 maps) at batch 50.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,7 @@ from .harness import Case, register
 
 SPARSITY = 0.9
 KL_WEIGHT = 1e-4
+VARIANTS = {"dynasparse": "sparse", "dynasparse-auto": "auto"}  # variant -> the VD layers' backend
 LINEAR_SIZES = ((4096, 128, False), (1024, 32, True))  # (features, batch, quick)
 # (name, in, out, kernel, stride, padding, input height, input width, batch)
 CONV_SIZES = (("cnn1d-conv2", 12, 12, (1, 5), (1, 2), (0, 2), 1, 40, 50),
@@ -84,9 +90,12 @@ def _steps(sparse: nn.Module, x: torch.Tensor):
             optimizer.step()
         return run
 
-    dense_optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-5, foreach=True)
-    sparse_optimizer = sparse_optim.AdamW(sparse.parameters(), lr=1e-5, masks=sparse_masks(sparse))
-    return step(dense, dense_optimizer), {"dynasparse": step(sparse, sparse_optimizer)}
+    variants = {}
+    for variant, backend in VARIANTS.items():
+        layer = copy.deepcopy(sparse)
+        layer.backend = backend
+        variants[variant] = step(layer, sparse_optim.AdamW(layer.parameters(), lr=1e-5, masks=sparse_masks(layer)))
+    return step(dense, torch.optim.AdamW(dense.parameters(), lr=1e-5, foreach=True)), variants
 
 
 def linear_workload(device: torch.device, features: int, batch: int, sparsity: float):

@@ -14,8 +14,9 @@ of an MLP.
   `activation`, `dropout` (the zoo's hyperparameters) and `padding` for smaller images.
   Inputs [C, H, W].
 - "cnn1d": a 1-D CNN for MNIST-1D: `channels` (default [32, 32, 32]) convolutions with
-  `kernels` [5, 3, 3] and `strides` [1, 2, 2] along the signal, each followed by `activation`,
-  then the classifier `fc` on the flattened features. The convolutions are nn.Conv2d with
+  `kernels` [5, 3, 3] and `strides` [1, 2, 2] along the signal, each followed by `activation`
+  (and by `dropout`, when above 0, as zoo-cnn's), then the classifier `fc` on the flattened
+  features. The convolutions are nn.Conv2d with
   (1, k) kernels on the signal viewed as [C, 1, L] (so that they become SparseConv2d).
   Inputs [C, L].
 - "digits-cnn": the demo's CNN for 8 x 8 digits: conv1 3x3 (16), conv2 3x3 (32), max-pool,
@@ -143,15 +144,18 @@ def zoo_cnn(input_shape, classes: int, *, channels=(8, 6, 4), kernels=(5, 5, 2),
 
 
 def cnn1d(input_shape, classes: int, *, channels=(32, 32, 32), kernels=(5, 3, 3), strides=(1, 2, 2),
-          activation: str = "relu") -> Model:
+          activation: str = "relu", dropout: float = 0.0) -> Model:
     c, _ = _input_shape("cnn1d", input_shape, 2)
     channels = _ints("cnn1d option channels", channels)
     kernels = _ints("cnn1d option kernels", kernels, len(channels))
     strides = _ints("cnn1d option strides", strides, len(channels))
+    check_real(_OWNER, "cnn1d option dropout", dropout, "[0, 1)")
     layers: dict[str, nn.Module] = {"unflatten": nn.Unflatten(1, (c, 1))}
     for i, (width, kernel, stride) in enumerate(zip(channels, kernels, strides), 1):
         layers[f"conv{i}"] = nn.Conv2d(c, width, (1, kernel), stride=(1, stride), padding=(0, kernel // 2))
         layers[f"act{i}"] = _activation(activation)
+        if dropout:
+            layers[f"drop{i}"] = nn.Dropout(dropout)
         c = width
     layers["flatten"] = nn.Flatten()
     layers["fc"] = nn.Linear(_flat_features(layers, input_shape, "cnn1d"), classes)

@@ -562,18 +562,26 @@ class _SparseConvNd(_SparseMixin):
             else:
                 weight = self._dense_weight(self.weight, self.mask)
             return self._conv_forward(x, weight, self.bias)
+        x, restore = self._as_2d_input(x)
+        return restore(self._convolution_2d(x, *self._geometry_2d()))
+
+    def _as_2d_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """x as the batched 4-D input of the 2-D kernels (padded first where padding_mode is not
+        zeros), and the function giving a 4-D output of them the layout of x."""
         batched = x.dim() == self._SPATIAL + 2
         if not batched:
             x = x.unsqueeze(0)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        if self._SPATIAL == 1:
+        one_d = self._SPATIAL == 1
+        if one_d:
             x = x.unsqueeze(2)
-        kernel_size, stride, padding, dilation = self._geometry_2d()
-        y = self._convolution_2d(x, kernel_size, stride, padding, dilation)
-        if self._SPATIAL == 1:
-            y = y.squeeze(2)
-        return y if batched else y.squeeze(0)
+
+        def restore(y: torch.Tensor) -> torch.Tensor:
+            y = y.squeeze(2) if one_d else y
+            return y if batched else y.squeeze(0)
+
+        return x, restore
 
     def _convolution_2d(self, x, kernel_size, stride, padding, dilation) -> torch.Tensor:
         """The sparse way on a batched 4-D x with 2-D geometry."""

@@ -14,10 +14,11 @@ Training forward, the local reparameterization trick, both products on the maske
     mu  = x @ (theta * m).T + b,   var = (x * x) @ (alpha * theta**2 * m).T,
     out = mu + sqrt(var + 1e-8) * eps,   eps ~ N(0, 1), one draw per output (torch's generator).
 
-Convolutions: the same with the convolution (both products over the same unfolded patches).
-Eval forward: the mean product with the weights at `log_alpha >= threshold` (3) zeroed, i.e.
-x @ (theta * m * [log_alpha < 3]).T + b; `to_sparse()` returns that as a plain SparseLinear /
-SparseConv2d (mask m & [log_alpha < 3], pruned weights zero). The mask is what the kernels skip:
+Convolutions: the same with the convolution (on CPU both products on the implicit-GEMM kernel
+of SparseConv2d, elsewhere over the same unfolded patches). Eval forward: the mean product with
+the weights at `log_alpha >= threshold` (3) zeroed, i.e. x @ (theta * m * [log_alpha < 3]).T + b;
+`to_sparse()` returns that as a plain SparseLinear / SparseConv2d / SparseConv1d (mask
+m & [log_alpha < 3], pruned weights zero). The mask is what the kernels skip:
 `refresh_mask()` (or the "vd" pruner, dynasparse.pruning.variational_dropout) sets it to
 `log_alpha < threshold`. `kl()` is the layer's KL term, Molchanov et al.'s approximation summed
 over its active weights:
@@ -27,15 +28,19 @@ over its active weights:
 
 a pruned weight (outside the mask) is exactly zero, its alpha infinite, and the approximation's
 limit there is 0. So the KL, and in masked mode the variance weights, are computed on the
-active weights only (gathered once per mask): the elementwise work per weight, not only the
-products, skips the pruned weights, which is what makes a VD step at high sparsity cheaper than
-a dense one. (With a dense weight gradient, feedback mode, the variance of every weight is
+active weights only (gathered once per mask) on the kernels: the elementwise work per weight,
+not only the products, skips the pruned weights, which is what makes a VD step at high sparsity
+cheaper than a dense one. (With a dense weight gradient, feedback mode, the variance of every weight is
 computed, so that the pruned ones get the gradient taken at the masked weights.)
 
-Layouts: unstructured only (a threshold mask has no block or 2:4 structure). Backend: "sparse"
-by default (both products on the kernels); "dense" runs them as torch ops on the masked
-weights; "auto" runs the kernels (the variance product's weight is new at every step: there is
-no per-shape choice worth measuring).
+Layouts: unstructured only (a threshold mask has no block or 2:4 structure). Backend, as the
+other sparse layers (dynasparse.nn.costs; the default backend when not given, a sparse source
+layer's in `from_dense`): "sparse" runs both products on the kernels, "dense" as torch's dense
+ops on the masked weights (what a dense VD layer computes: the variance and the KL over every
+weight, masked), "auto" each call as the faster of the two for its key, measured on its first
+call (the training forward with its backward; the eval forward is keyed apart). The noise is
+drawn in the output's logical order either way: the same generator state gives the same output
+on both (up to the products' rounding), and measuring draws none.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import masked_weight_for, weight_grad_of
-from .modules import SparseConv1d, SparseConv2d, SparseLinear, _SparseMixin
+from .modules import SparseConv1d, SparseConv2d, SparseLinear, _PanelConv2d
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_RANGE = (-10.0, 10.0)
@@ -73,8 +78,10 @@ def _check_real(owner: str, name: str, value) -> float:
 
 class _VariationalMixin:
     """log_sigma2, log_alpha, the KL term, the threshold mask and the two forwards, on top of
-    _SparseMixin's mask and plan. `_product(x, weight, bias)` is the layer's masked product
-    (linear or convolution) with a given weight of its shape."""
+    _SparseMixin's mask and plan. `_products(x, dense)` gives the products' input, the layer's
+    masked product (linear or convolution) of it with a given weight of the layer's shape (on
+    the kernels, or with `dense` torch's dense op), and the function turning a product's output
+    into the layer's."""
 
     def _init_variational(self, log_sigma2: float, threshold: float) -> None:
         owner = type(self).__name__
@@ -93,8 +100,6 @@ class _VariationalMixin:
 
     def _active_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """theta and log_alpha at the active weights (flat, in `_active` order), differentiable."""
-        if self._active is None:  # meta tensors: no positions to gather, every weight counts
-            return self.weight.reshape(-1), self.log_alpha().reshape(-1)
         theta = self.weight.reshape(-1).index_select(0, self._active)
         return theta, log_alpha_of(theta, self.log_sigma2.reshape(-1).index_select(0, self._active))
 
@@ -108,9 +113,13 @@ class _VariationalMixin:
 
     def kl(self) -> torch.Tensor:
         """The layer's KL term over its active weights (pruned ones contribute 0, see the
-        module docstring): a 0-d tensor, differentiable in theta and log_sigma2."""
+        module docstring): a 0-d tensor, differentiable in theta and log_sigma2. Gathered at
+        the active weights while the forward runs the kernels; where it runs dense, over every
+        weight masked, as a dense VD computes it (the same value and gradients)."""
         if not torch.compiler.is_compiling():
             self.plan()  # a mask changed in place is noticed, and its positions rebuilt
+        if self._active is None or self.backend == "dense" or (self.backend == "auto" and self._dense_last):
+            return torch.where(self.mask, kl_approximation(self.log_alpha()), 0).sum()
         return kl_approximation(self._active_values()[1]).sum()
 
     def threshold_mask(self) -> torch.Tensor:
@@ -131,171 +140,199 @@ class _VariationalMixin:
         """The weights the eval forward uses: theta where the mask and log_alpha < threshold, else 0."""
         return torch.where(self.mask & self.threshold_mask(), self.weight, 0)
 
+    def _call_key(self, x: torch.Tensor):
+        # The training forward (two products) and the eval forward (one) each get their own
+        # measured choice.
+        return (super()._call_key(x), "lrt" if self.training else "eval")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not torch.compiler.is_compiling():
             self.plan()  # a mask changed in place is noticed, and `_active` rebuilt
-        inputs, finish = self._rows(x)
+        dense = self._runs_torch_ops(x) or self._runs_dense(x, self._timed_way)
+        return self._way(x, dense, _noise)
+
+    def _timed_way(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
+        # What backend "auto" times: the forward without drawing noise, so that measuring
+        # leaves torch's generator (the training's noise) where it was.
+        return self._way(x, dense, torch.zeros_like)
+
+    def _runs_torch_ops(self, x: torch.Tensor) -> bool:
+        """Calls with no kernel plan (meta tensors, torch.func), which run torch's dense ops."""
+        return self._reference_product(x)
+
+    def _way(self, x: torch.Tensor, dense: bool, noise) -> torch.Tensor:
+        """The forward on the kernels, or `dense`: torch's dense ops on the masked weights."""
+        inputs, product, finish = self._products(x, dense)
         if not self.training:
             kept = self.log_alpha() < self.threshold
-            return finish(self._product(inputs, torch.where(kept, self.weight, 0), self.bias))
-        mean = self._product(inputs, self.weight, self.bias)
-        if self._active is None or weight_grad_of(self.grad_mode, self.weight_grad) == "dense":
-            # Meta tensors, or a dense weight gradient (feedback): every weight's variance, so
-            # that the pruned ones get the gradient taken at the masked weights too.
+            return finish(product(inputs, torch.where(kept, self.weight, 0), self.bias))
+        mean = product(inputs, self.weight, self.bias)
+        if dense or self._active is None or weight_grad_of(self.grad_mode, self.weight_grad) == "dense":
+            # Every weight's variance (the product masks it): the dense way computes what a
+            # dense VD does; with a dense weight gradient (feedback) the pruned weights get the
+            # gradient taken at the masked weights too.
             variance_weight = torch.exp(self.log_alpha()) * self.weight.square()
         else:
-            # Masked: zero at the pruned weights, which neither the product nor its gradient reads.
+            # Masked, on the kernels: zero at the pruned weights, which neither the product nor
+            # its gradient reads, and no elementwise work there.
             theta, log_alpha = self._active_values()
             variance_weight = theta.new_zeros(self.weight.numel()).index_copy(
                 0, self._active, torch.exp(log_alpha) * theta.square()).reshape(self.weight.shape)
-        mean, variance = finish(mean), finish(self._product(inputs * inputs, variance_weight, None))
-        return mean + torch.sqrt(variance + EPS) * torch.randn_like(mean)
+        mean, variance = finish(mean), finish(product(inputs * inputs, variance_weight, None))
+        return mean + torch.sqrt(variance + EPS) * noise(mean)
+
+    def to_sparse(self) -> nn.Module:
+        """The eval forward as the plain sparse layer of this class (SparseLinear, SparseConv2d,
+        SparseConv1d): mask m & [log_alpha < threshold], pruned weights zero, the same grad mode
+        and backend."""
+        return self._PLAIN.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
+                                      grad_mode=self.grad_mode, backend=self.backend)
 
     def _check_source_layout(self, module: nn.Module) -> None:
         if getattr(module, "layout", "unstructured") != "unstructured":
             raise ValueError(f"dynasparse.{type(self).__name__}.from_dense: the source layer has layout "
                              f"{module.layout!r}; VD layers are unstructured (densify it first)")
 
-    def _vd_repr(self) -> str:
-        return f"threshold={self.threshold}"
-
-
-def _source_options(module: nn.Module, grad_mode: str | None, mask: torch.Tensor | None):
-    """A sparse source layer gives its mask and grad mode unless they are given."""
-    if mask is None and isinstance(getattr(module, "mask", None), torch.Tensor):
-        mask = module.mask.detach().clone()
-    if grad_mode is None:
-        grad_mode = getattr(module, "grad_mode", "masked")
-    return grad_mode, mask
-
-
-class VDLinear(_VariationalMixin, SparseLinear):
-    """A linear layer with sparse variational dropout (see the module docstring): the
-    arguments of nn.Linear, plus keyword-only `log_sigma2` (its initial value, -10),
-    `threshold` (3) and `grad_mode` ("masked": pruned weights get no gradient from the data)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked"):
-        super().__init__(in_features, out_features, bias, device, dtype, grad_mode=grad_mode, backend="sparse")
-        self._init_variational(log_sigma2, threshold)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        self._check_features(x)
-
-    def _rows(self, x: torch.Tensor):
-        return x, _unchanged
-
-    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self._sparse_linear(x, weight, bias, self.backend == "dense")
-
-    @classmethod
-    def from_dense(cls, module: nn.Linear, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
-                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> VDLinear:
-        """A VDLinear with theta = module's weight (and its bias), log_sigma2 filled with
-        `log_sigma2`; the mask is `mask`, else a sparse module's own mask, else all kept; the
-        grad mode is `grad_mode`, else a sparse module's, else "masked"."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.Linear (or SparseLinear), "
-                            f"got {type(module).__name__}")
-        grad_mode, mask = _source_options(module, grad_mode, mask)
-        layer = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
-                    dtype=module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold, grad_mode=grad_mode)
-        layer._check_source_layout(module)
-        return layer._adopt(module, 0.0, mask)
-
-    def to_sparse(self) -> SparseLinear:
-        """The eval forward as a plain SparseLinear: mask m & [log_alpha < threshold], pruned
-        weights zero, the same grad mode."""
-        return SparseLinear.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
-                                       grad_mode=self.grad_mode)
-
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._vd_repr()}"
+        return f"{super().extra_repr()}, threshold={self.threshold}"
 
 
-def _conv_padding(layer: nn.Module, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
-    """The layer's zero padding per spatial dim ('valid', 'same' with an odd effective kernel, or numbers)."""
-    if layer.padding == "valid":
-        return (0,) * len(kernel_size)
-    if layer.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-        if any(total % 2 for total in totals):
-            raise ValueError(f"dynasparse.{type(layer).__name__}: padding='same' with an even effective kernel size "
-                             "is not supported (it pads unevenly); give explicit padding")
-        return tuple(total // 2 for total in totals)
-    return tuple(layer.padding)
+def _noise(like: torch.Tensor) -> torch.Tensor:
+    """One standard normal draw per output, in the output's logical order whatever its strides:
+    the same generator state gives the same noise on the kernels and on torch's ops."""
+    return torch.randn_like(like, memory_format=torch.contiguous_format)
 
 
 def _unchanged(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _source_options(module: nn.Module, grad_mode: str | None, mask: torch.Tensor | None, backend: str | None):
+    """A sparse source layer gives its mask, grad mode and backend unless they are given."""
+    if mask is None and isinstance(getattr(module, "mask", None), torch.Tensor):
+        mask = module.mask.detach().clone()
+    if grad_mode is None:
+        grad_mode = getattr(module, "grad_mode", "masked")
+    if backend is None:
+        backend = getattr(module, "backend", None)
+    return grad_mode, mask, backend
+
+
+class VDLinear(_VariationalMixin, SparseLinear):
+    """A linear layer with sparse variational dropout (see the module docstring): the
+    arguments of nn.Linear, plus keyword-only `log_sigma2` (its initial value, -10),
+    `threshold` (3), `grad_mode` ("masked": pruned weights get no gradient from the data) and
+    `backend` (None: the default backend, see the module docstring)."""
+
+    _PLAIN = SparseLinear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked",
+                 backend: str | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype, grad_mode=grad_mode, backend=backend)
+        self._init_variational(log_sigma2, threshold)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        self._check_features(x)
+
+    def _products(self, x: torch.Tensor, dense: bool):
+        return x, lambda inputs, weight, bias: self._sparse_linear(inputs, weight, bias, dense), _unchanged
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
+                   grad_mode: str | None = None, mask: torch.Tensor | None = None,
+                   backend: str | None = None) -> VDLinear:
+        """A VDLinear with theta = module's weight (and its bias), log_sigma2 filled with
+        `log_sigma2`; the mask is `mask`, else a sparse module's own mask, else all kept; the
+        grad mode is `grad_mode`, else a sparse module's, else "masked"; the backend
+        `backend`, else a sparse module's, else the default."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.Linear (or SparseLinear), "
+                            f"got {type(module).__name__}")
+        grad_mode, mask, backend = _source_options(module, grad_mode, mask, backend)
+        layer = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
+                    dtype=module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold, grad_mode=grad_mode,
+                    backend=backend)
+        layer._check_source_layout(module)
+        return layer._adopt(module, 0.0, mask)
+
+
 class _VariationalConv(_VariationalMixin):
-    """The convolution products shared by VDConv2d and VDConv1d: both run as the masked matmul
-    over the same unfolded patches (rows = output pixels; a 1-D convolution is the 2-D one over
-    [B, C, 1, L] with (1, k) kernels). Grouped convolutions, meta / torch.func tensors and the
-    "dense" backend run torch's convolution of the masked weight instead (as SparseConv2d)."""
+    """The convolution products shared by VDConv2d and VDConv1d (a 1-D convolution is the 2-D
+    one over [B, C, 1, L] with (1, k) kernels). On CPU with the panel plan both run on the
+    implicit-GEMM kernel as SparseConv2d's forward does (no unfolded patches; its backward's
+    input gradient on the kernel at stride 1, torch's dense weight gradient kept at the mask);
+    elsewhere as the masked matmul over the same unfolded patches (rows = output pixels).
+    Grouped convolutions, meta / torch.func tensors and the dense way run torch's convolution of
+    the masked weights instead."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked",
+                 backend: str | None = None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, grad_mode=grad_mode, backend=backend)
+        self._init_variational(log_sigma2, threshold)
 
     @classmethod
     def from_dense(cls, module: nn.Module, *, log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD,
-                   grad_mode: str | None = None, mask: torch.Tensor | None = None) -> _VariationalConv:
+                   grad_mode: str | None = None, mask: torch.Tensor | None = None,
+                   backend: str | None = None) -> _VariationalConv:
         """As VDLinear.from_dense, from the nn convolution the class replaces (or its sparse version)."""
         dense = cls._DENSE
         if not isinstance(module, dense):
             raise TypeError(f"dynasparse.{cls.__name__}.from_dense: module must be an nn.{dense.__name__} (or its "
                             f"sparse version), got {type(module).__name__}")
-        grad_mode, mask = _source_options(module, grad_mode, mask)
+        grad_mode, mask, backend = _source_options(module, grad_mode, mask, backend)
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                     module.dilation, module.groups, module.bias is not None, module.padding_mode,
                     module.weight.device, module.weight.dtype, log_sigma2=log_sigma2, threshold=threshold,
-                    grad_mode=grad_mode)
+                    grad_mode=grad_mode, backend=backend)
         layer._check_source_layout(module)
         return layer._adopt(module, 0.0, mask)
 
-    def _runs_convolution(self, x: torch.Tensor) -> bool:
-        return self.groups != 1 or self._reference_product(x) or self.backend == "dense"
+    def _runs_torch_ops(self, x: torch.Tensor) -> bool:
+        return self.groups != 1 or self._reference_product(x)
 
-    def _rows(self, x: torch.Tensor):
-        """(the products' input, the function giving the layer's output from theirs)."""
-        if self._runs_convolution(x):
-            return x, _unchanged
+    def _products(self, x: torch.Tensor, dense: bool):
+        """(the products' input, the product of it with a weight of the layer's shape and a
+        bias, the function giving the layer's output from a product's)."""
+        if dense:
+            def convolution(inputs, weight, bias):
+                weight = masked_weight_for(weight, self.mask, self.grad_mode, self.weight_grad)
+                return self._conv_forward(inputs, weight, bias)
+            return x, convolution, _unchanged
         x, _, _ = self._autocast(x, self.weight, None)  # refuses a dtype the kernels cannot take
-        one_d = self._batched_dims == 3
-        batched = x.dim() == self._batched_dims
-        if not batched:
-            x = x.unsqueeze(0)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0,) * (x.dim() - 2)
-        else:
-            padding = _conv_padding(self, tuple(self.kernel_size), tuple(self.dilation))
-        geometry = [tuple(self.kernel_size), tuple(self.stride), padding, tuple(self.dilation)]
-        if one_d:
-            x = x.unsqueeze(2)
-            geometry = [(0 if i == 2 else 1, *value) for i, value in enumerate(geometry)]
+        x, restore = self._as_2d_input(x)
+        geometry = self._geometry_2d()
         kernel_size, stride, padding, dilation = geometry
+
+        if x.device.type == "cpu" and self.plan().kernel == "panels":
+            def implicit_gemm(inputs, weight, bias):
+                inputs, weight_2d, bias = self._autocast(inputs, weight.reshape(self.out_channels, -1), bias)
+                plan = self.plan()
+                plan.check()
+                return _PanelConv2d.apply(inputs, weight_2d, self._guarded_bias(plan, bias, inputs),
+                                          plan.pack(weight_2d), plan, weight_grad_of(self.grad_mode, self.weight_grad),
+                                          geometry, self._grad_input_plan)
+
+            return x, implicit_gemm, restore
         n, _, height, width = x.shape
         out_h = (height + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
         out_w = (width + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
         rows = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
 
+        def matmul(inputs, weight, bias):
+            return self._sparse_linear(inputs, weight.reshape(self.out_channels, -1), bias)
+
         def finish(y: torch.Tensor) -> torch.Tensor:
-            y = y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
-            if one_d:
-                y = y.squeeze(2)
-            return y if batched else y.squeeze(0)
+            return restore(y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2))
 
-        return rows, finish
-
-    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._runs_convolution(x):
-            return self._conv_forward(x, masked_weight_for(weight, self.mask, self.grad_mode, self.weight_grad), bias)
-        return self._sparse_linear(x, weight.reshape(self.out_channels, -1), bias)
+        return rows, matmul, finish
 
     def _check_input(self, x: torch.Tensor) -> None:
-        name = type(self).__name__
-        dims = self._batched_dims
+        name, dims = type(self).__name__, self._SPATIAL + 2
         if x.dim() not in (dims - 1, dims):
             raise ValueError(f"dynasparse.{name}: expected a {dims - 1}-D (unbatched) or {dims}-D input, got "
                              f"{x.dim()}-D")
@@ -304,67 +341,21 @@ class _VariationalConv(_VariationalMixin):
             raise RuntimeError(f"dynasparse.{name}: expected input of shape {list(x.shape)} to have "
                                f"{self.in_channels} channels (in_channels), got {channels}")
 
-    def _conv_kwargs(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-                    bias=self.bias is not None, padding_mode=self.padding_mode, device=self.weight.device,
-                    dtype=self.weight.dtype)
-
 
 class VDConv2d(_VariationalConv, SparseConv2d):
     """nn.Conv2d with sparse variational dropout (see the module docstring): its arguments,
-    plus keyword-only `log_sigma2`, `threshold` and `grad_mode` as VDLinear."""
+    plus keyword-only `log_sigma2`, `threshold`, `grad_mode` and `backend` as VDLinear;
+    `to_sparse()` gives the eval forward as a SparseConv2d."""
 
-    _batched_dims = 4
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype, grad_mode=grad_mode, backend="sparse")
-        self._init_variational(log_sigma2, threshold)
-
-    def to_sparse(self) -> SparseConv2d:
-        """The eval forward as a plain SparseConv2d (as VDLinear.to_sparse)."""
-        return SparseConv2d.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
-                                       grad_mode=self.grad_mode)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._vd_repr()}"
+    _PLAIN = SparseConv2d
 
 
-class VDConv1d(_VariationalConv, _SparseMixin, nn.Conv1d):
+class VDConv1d(_VariationalConv, SparseConv1d):
     """nn.Conv1d with sparse variational dropout (see the module docstring): its arguments,
-    plus keyword-only `log_sigma2`, `threshold` and `grad_mode` as VDLinear; `to_sparse()`
-    gives the eval forward as a SparseConv1d, `to_dense()` as nn.Conv1d."""
+    plus keyword-only `log_sigma2`, `threshold`, `grad_mode` and `backend` as VDLinear;
+    `to_sparse()` gives the eval forward as a SparseConv1d, `to_dense()` as nn.Conv1d."""
 
-    _batched_dims = 3
-    _DENSE = nn.Conv1d
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 log_sigma2: float = LOG_SIGMA2_INIT, threshold: float = THRESHOLD, grad_mode: str = "masked"):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
-        if self.padding == "same":
-            _conv_padding(self, tuple(self.kernel_size), tuple(self.dilation))  # refused now, not at the first forward
-        self._init_sparse(0.0, "unstructured", grad_mode, "sparse")
-        self._init_variational(log_sigma2, threshold)
-
-    def _weight_2d(self) -> torch.Tensor:
-        return self.weight.reshape(self.out_channels, -1)
-
-    def to_dense(self) -> nn.Conv1d:
-        """The eval forward as nn.Conv1d (weights outside the mask or at log_alpha >= threshold zero)."""
-        return self._fill_dense(nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size,
-                                          **self._conv_kwargs()))
-
-    def to_sparse(self) -> SparseConv1d:
-        """The eval forward as a plain SparseConv1d (as VDLinear.to_sparse)."""
-        return SparseConv1d.from_dense(self.to_dense(), mask=self.mask & self.threshold_mask(),
-                                       grad_mode=self.grad_mode)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._sparse_repr()}, {self._vd_repr()}"
+    _PLAIN = SparseConv1d
 
 
 VD_MODULES = (VDLinear, VDConv2d, VDConv1d)

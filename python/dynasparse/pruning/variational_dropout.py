@@ -8,8 +8,9 @@
         ...; optimizer.step(); pruner.step()
     pruner.finalize()        # plain SparseLinear / SparseConv2d: an ordinary sparse model
 
-At construction the prunable layers become VDLinear / VDConv2d (dynasparse.nn.variational),
-keeping their weights (theta) and masks, with log_sigma2 = -10. `regularizer()` is
+At construction the prunable layers become VDLinear / VDConv2d / VDConv1d
+(dynasparse.nn.variational), keeping their weights (theta), masks, grad mode and backend, with
+log_sigma2 = -10. `regularizer()` is
 `beta_at(step) * sum(KL)`, beta ramped linearly from 0 at the first step to `beta` (0.01) at
 step `ramp_steps` - 1 (default: the whole run, Molchanov et al.'s and Honegger et al.'s
 schedule when the run is the sparsification phase of a trained model) and constant after.

@@ -1,6 +1,7 @@
 """`dynasparse reproduce minified`: Harang & Sanders, "Magnificent Minified Models" (2023), on
 MNIST-1D with the MLP and the 1-D CNN of `experiments.models` (`data="digits"`: the MLP and the
-digits CNN on the 8 x 8 digits).
+digits CNN on the 8 x 8 digits, the experiment `minified-digits`, i.e. `dynasparse reproduce
+minified --data digits`).
 
 A trained network has weights or whole neurons deleted; selection methods are compared, then
 fine-tuning against training the pruned architecture from scratch, and against quantization at
@@ -410,31 +411,27 @@ def claims(table: dict, models: Sequence[str], weight_methods: Sequence[str], we
                 found.append(reports.claim_greater(
                     f"{model}: OBD-SD is more accurate than {other} at {top:.0%} of the weights removed ({protocol})",
                     _accuracies(ours), _accuracies(theirs), a_name="OBD-SD", b_name=other, **options))
-        gaps = []
-        for method in weight_methods:
-            for level in weight_levels:
-                fine = table.get(("weight", model, method, level, "fine-tuned"))
-                scratch = table.get(("weight", model, method, level, "scratch"))
-                if fine and scratch:
-                    gaps += _paired(fine, scratch)
-        if gaps:
-            found.append(reports.claim_above(
-                f"{model}: at weight level, fine-tuning beats training the same mask from a new initialization "
-                "(paired differences fine-tuned - scratch over every method, level and seed)", gaps, 0.0,
-                name="fine-tuned - scratch", **options))
-        gaps = []
-        for level in neuron_levels:
-            scratch = table.get(("neuron", model, None, level, "scratch"))
-            for method in NEURON_METHODS:
-                fine = table.get(("neuron", model, method, level, "fine-tuned"))
-                if fine and scratch:
-                    gaps += _paired(scratch, fine)
-        if gaps:
-            found.append(reports.claim_above(
-                f"{model}: at neuron level, training the smaller architecture from scratch is much better than "
-                f"fine-tuning the shrunk network (paired differences scratch - fine-tuned over every method, level "
-                f"and seed above {100 * MUCH:.0f} points)", gaps, MUCH, name="scratch - fine-tuned", **options))
+        found += _gap_claim(
+            f"{model}: at weight level, fine-tuning beats training the same mask from a new initialization "
+            "(paired differences fine-tuned - scratch over every method, level and seed)",
+            [(table.get(("weight", model, method, level, "fine-tuned")),
+              table.get(("weight", model, method, level, "scratch")))
+             for method in weight_methods for level in weight_levels], 0.0, "fine-tuned - scratch", **options)
+        found += _gap_claim(
+            f"{model}: at neuron level, training the smaller architecture from scratch is much better than "
+            f"fine-tuning the shrunk network (paired differences scratch - fine-tuned over every method, level "
+            f"and seed above {100 * MUCH:.0f} points)",
+            [(table.get(("neuron", model, None, level, "scratch")),
+              table.get(("neuron", model, method, level, "fine-tuned")))
+             for level in neuron_levels for method in NEURON_METHODS], MUCH, "scratch - fine-tuned", **options)
     return found
+
+
+def _gap_claim(claim: str, pairs, bound: float, name: str, **options) -> list[reports.Claim]:
+    """[the claim that the paired differences a - b, over the seeds of every (a, b) of groups
+    in `pairs` where both were run, exceed `bound`], or [] without any such pair."""
+    gaps = [gap for a, b in pairs if a and b for gap in _paired(a, b)]
+    return [reports.claim_above(claim, gaps, bound, name=name, **options)] if gaps else []
 
 
 def fisher_timing(model: nn.Module, dataset: data_sets.Dataset, *, examples: int = 1000, batch_size: int = 64,
@@ -645,6 +642,13 @@ def analyze(records, store: Store, quick: bool) -> reports.Report:
     return report
 
 
+def digits_specs(quick: bool = False) -> list[RunSpec]:
+    """`specs` on the 8 x 8 digits: the MLP and the digits CNN (the experiment minified-digits)."""
+    return specs(quick, data="digits")
+
+
 register(Experiment("minified", "Harang & Sanders 2023 (Magnificent Minified Models): weight (random, magnitude, OBD, "
                     "OBD-SD) and neuron (random, L2, OBD, damage, merging) pruning, fine-tuned against from scratch, "
                     "and quantization at equal size, on MNIST-1D", specs, analyze, hooks=hooks))
+register(Experiment("minified-digits", "Magnificent Minified Models on the 8 x 8 digits (the MLP and the digits CNN)",
+                    digits_specs, analyze, hooks=hooks))

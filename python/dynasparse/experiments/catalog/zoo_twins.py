@@ -1,35 +1,43 @@
 """Sparsified Model Zoo Twins (Honegger, Schürholt & Borth 2023): `dynasparse reproduce zoo-twins`.
 
-Two model zoos on MNIST-1D, each model then sparsified into twins (child runs whose parent is
-the zoo model, trained once and reused by every twin):
+Two model zoos, each model then sparsified into twins (child runs whose parent is the zoo
+model, trained once and reused by every twin), on MNIST-1D (`zoo-twins`) or on the 8 x 8 digits
+(`zoo-twins-digits`, `dynasparse reproduce zoo-twins --data digits`):
 
 - the seed zoo: the same small CNN trained from `seeds` seeds (100; 20 with --quick), SGD
   (lr 0.05, momentum 0.9, weight decay 1e-4, cosine) for `zoo_epochs` epochs of batch 50;
 - the hyperparameter zoo: a grid over activation (relu, tanh, gelu), initialization (kaiming
-  uniform, xavier normal), optimizer with learning rate (SGD 0.05 / 0.01, AdamW 3e-3 / 1e-3) and
-  weight decay (0, 1e-3): 48 models (6 of them, spread over the grid, with --quick). Dropout,
-  the zoo's sixth hyperparameter, is not covered: the 1-D CNN of experiments.models has none.
+  uniform, xavier normal), optimizer with learning rate (SGD 0.05 / 0.01, AdamW 3e-3 / 1e-3),
+  weight decay (0, 1e-3) and dropout (0, or 0.2 after every activation: our level for a network
+  of 12 channels): 96 models (6 of them, spread over the grid so that every level of every factor
+  is in, with --quick).
 
-The CNN: `models.cnn1d` with channels [12, 12, 12], kernels [5, 5, 3], strides [1, 2, 2] and
-a linear classifier, 2,458 parameters (the paper's 2-D zoo CNN has 2,464 on 28 x 28 MNIST;
-models.zoo_cnn takes images, MNIST-1D is a signal).
+The CNNs: on MNIST-1D `models.cnn1d` with channels [12, 12, 12], kernels [5, 5, 3], strides
+[1, 2, 2] and a linear classifier, 2,458 parameters (the paper's 2-D zoo CNN has 2,464 on
+28 x 28 MNIST; models.zoo_cnn takes images, MNIST-1D is a signal); on the digits the paper's zoo
+CNN itself (`models.zoo_cnn`: conv 5x5 (8), conv 5x5 (6), conv 2x2 (4), fc 20, fc 10, its
+convolutions padded by 2 for 8 x 8 images), 3,744 parameters.
 
 Twins of every zoo model, all weight layers pruned (biases excluded), each sparsification
 phase with AdamW (lr 1e-3, no weight decay, constant lr, batch 50) from the trained model:
 - VD: sparse variational dropout ("vd", dynasparse.pruning.variational_dropout) for
   `vd_epochs` epochs (25; 4 with --quick), beta ramped 0 -> 0.01 over 25 epochs (also when the
   run is shorter, so that its early epochs compare with the paper's), the threshold mask
-  (log_alpha < 3) refreshed every 16 steps; sparsity and accuracy recorded every epoch;
+  (log_alpha < 3) refreshed 5 times an epoch on MNIST-1D, twice on the digits (at every epoch's
+  end among them); sparsity and accuracy recorded every epoch;
 - MP: one global magnitude threshold ("oneshot") at 10, 20, ..., 90% without fine-tuning
   (steps=0) and with `finetune_epochs` (2; 1 with --quick) of masked fine-tuning;
-- MP at VD's sparsity: the original pruned by global magnitude at the sparsity of each VD
-  epoch, no fine-tuning (computed in the analysis).
+- MP at VD's sparsity: the original pruned by global magnitude at exactly the final sparsity of
+  its VD twin, without and with the same fine-tuning: runs of the population like the others,
+  which the analysis adds once the VD twins are stored (their sparsity is VD's outcome), and
+  a later reproduction reuses; at VD's earlier epochs, the same pruning without fine-tuning
+  evaluated in the analysis.
 
 Analyses: accuracy against sparsity per method (mean and std over the population), layer-wise
 sparsity distributions per method, agreement (fraction of test inputs where twin and
 original predict the same class), Pearson and Spearman correlation of original vs twin
-accuracy, and the crossover sparsity where VD starts to beat MP with a bootstrap interval over
-the models of the population.
+accuracy, VD against MP at VD's own sparsity (paired per model), and the crossover sparsity
+where VD starts to beat MP with a bootstrap interval over the models of the population.
 """
 
 from __future__ import annotations
@@ -48,26 +56,48 @@ from ... import pruning
 from ...pruning import variational_dropout  # noqa: F401  registers "vd"
 from .. import analysis, data, reports, transforms
 from ..registry import Experiment, register
+from ..runner import run_population
 from ..spec import RunSpec
 from ..trainer import Hook
 
 NAME = "zoo-twins"
-DATA = "mnist1d"
-MODEL = "cnn1d"
-ARCHITECTURE = {"channels": [12, 12, 12], "kernels": [5, 5, 3], "strides": [1, 2, 2]}
 BATCH = 50
-EPOCH = 80  # steps: MNIST-1D's 4000 training examples in batches of 50
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooSetup:
+    """A zoo's data set and network: `epoch` is the steps of one pass over the training set in
+    batches of BATCH (the last partial batch dropped), `update_every` VD's mask refresh, which
+    divides it (the mask is fresh at every epoch's evaluation)."""
+
+    data: str
+    model: str
+    architecture: dict
+    parameters: int
+    epoch: int
+    update_every: int
+    description: str
+
+
+ZOOS = {"mnist1d": ZooSetup("mnist1d", "cnn1d", {"channels": [12, 12, 12], "kernels": [5, 5, 3], "strides": [1, 2, 2]},
+                       2458, 80, 16, "MNIST-1D, `cnn1d` channels [12, 12, 12], kernels [5, 5, 3], strides [1, 2, 2]"),
+        "digits": ZooSetup("digits", "zoo-cnn", {"padding": 2}, 3744, 28, 14,
+                      "the 8 x 8 digits, the paper's `zoo-cnn` (8, 6, 4 channels, fc 20) padded by 2")}
+DATA = "mnist1d"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAGNITUDE = "global-magnitude"  # the transform of the MP twins
 ALL_LAYERS = {"exclude": []}  # every weight layer, the first convolution and the classifier included
-VD_UPDATE_EVERY = 16  # divides EPOCH: the mask is fresh at every epoch's evaluation
 # beta's ramp spans the paper's 25 epochs also when a run stops earlier (--quick), so that the
 # trajectory's early epochs are comparable with the paper's.
 VD_RAMP_EPOCHS = 25
 SPARSIFY = {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant", "optimizer_options": {"weight_decay": 0.0}}
 SEED_ZOO = {"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "activation": "relu", "init": None}
 GRID = {"activation": ("relu", "tanh", "gelu"), "init": ("kaiming_uniform", "xavier_normal"),
-        "optimizer": (("sgd", 0.05), ("sgd", 0.01), ("adamw", 3e-3), ("adamw", 1e-3)), "weight_decay": (0.0, 1e-3)}
+        "optimizer": (("sgd", 0.05), ("sgd", 0.01), ("adamw", 3e-3), ("adamw", 1e-3)), "weight_decay": (0.0, 1e-3),
+        "dropout": (0.0, 0.2)}
+# The quick hyperparameter zoo takes every QUICK_STRIDE-th setting of the grid (cyclically):
+# coprime with its 96 settings, 13 puts every level of every factor among the first 6.
+QUICK_STRIDE = 13
 HYPER_SEED = 1000  # the hyperparameter zoo's seeds: HYPER_SEED + its index in the grid
 # The paper's VD sparsity on its MNIST zoo after 2, 4 and 25 epochs.
 PAPER_TRAJECTORY = {2: 0.26, 4: 0.5, 25: 0.78}
@@ -94,55 +124,87 @@ QUICK = Size(seeds=20, hyper=6, zoo_epochs=10, vd_epochs=4, finetune_epochs=1)
 
 def grid() -> list[dict]:
     """The hyperparameter zoo's settings, in a fixed order."""
-    return [{"activation": a, "init": i, "optimizer": o, "lr": lr, "weight_decay": wd}
-            for a, i, (o, lr), wd in itertools.product(GRID["activation"], GRID["init"], GRID["optimizer"],
-                                                       GRID["weight_decay"])]
+    return [{"activation": a, "init": i, "optimizer": o, "lr": lr, "weight_decay": wd, "dropout": p}
+            for a, i, (o, lr), wd, p in itertools.product(GRID["activation"], GRID["init"], GRID["optimizer"],
+                                                          GRID["weight_decay"], GRID["dropout"])]
 
 
-def _zoo_spec(settings: dict, seed: int, epochs: int) -> RunSpec:
-    model_options = dict(ARCHITECTURE, activation=settings["activation"])
+def _zoo_spec(setup: ZooSetup, settings: dict, seed: int, epochs: int) -> RunSpec:
+    model_options = dict(setup.architecture, activation=settings["activation"])
     if settings["init"] is not None:
         model_options["init"] = settings["init"]
+    if settings.get("dropout"):  # absent at 0: the model and its run id are those without the option
+        model_options["dropout"] = settings["dropout"]
     optimizer_options = {} if "weight_decay" not in settings else {"weight_decay": settings["weight_decay"]}
-    return RunSpec(data=DATA, model=MODEL, model_options=model_options, optimizer=settings["optimizer"],
+    return RunSpec(data=setup.data, model=setup.model, model_options=model_options, optimizer=settings["optimizer"],
                    optimizer_options=optimizer_options, lr=settings["lr"], schedule=settings.get("schedule", "cosine"),
-                   steps=epochs * EPOCH, batch_size=BATCH, seed=seed)
+                   steps=epochs * setup.epoch, batch_size=BATCH, seed=seed)
 
 
-def zoo(size: Size) -> dict[str, list[RunSpec]]:
-    """{"seed": the seed zoo, "hyper": the hyperparameter zoo}."""
+def _setup_of(data_name: str) -> ZooSetup:
+    if data_name not in ZOOS:
+        raise ValueError(f"{NAME}: data must be one of {', '.join(ZOOS)}, got {data_name!r}")
+    return ZOOS[data_name]
+
+
+def zoo(size: Size, data_name: str = DATA) -> dict[str, list[RunSpec]]:
+    """{"seed": the seed zoo, "hyper": the hyperparameter zoo} on data set `data_name`."""
+    setup = _setup_of(data_name)
     indexed = list(enumerate(grid()))
     if size.hyper is not None:
-        # Every 7th setting (cyclically): 7 is coprime with the grid's strides, so 6 settings
-        # reach every level of every factor.
-        indexed = [indexed[(7 * i) % len(indexed)] for i in range(min(size.hyper, len(indexed)))]
-    return {"seed": [_zoo_spec(SEED_ZOO, seed, size.zoo_epochs) for seed in range(size.seeds)],
-            "hyper": [_zoo_spec(settings, HYPER_SEED + i, size.zoo_epochs) for i, settings in indexed]}
+        indexed = [indexed[(QUICK_STRIDE * i) % len(indexed)] for i in range(min(size.hyper, len(indexed)))]
+    return {"seed": [_zoo_spec(setup, SEED_ZOO, seed, size.zoo_epochs) for seed in range(size.seeds)],
+            "hyper": [_zoo_spec(setup, settings, HYPER_SEED + i, size.zoo_epochs) for i, settings in indexed]}
+
+
+def _base(parent: RunSpec) -> dict:
+    """What every twin of `parent` shares: its data and model, the sparsification phase's
+    optimizer, the parent's seed."""
+    return dict(data=parent.data, data_options=parent.data_options, model=parent.model,
+                model_options=parent.model_options, batch_size=BATCH, seed=parent.seed, parent=parent, **SPARSIFY)
+
+
+def magnitude_twins(parent: RunSpec, sparsity: float, size: Size) -> tuple[RunSpec, RunSpec]:
+    """`parent` pruned by global magnitude at `sparsity`: (without fine-tuning, with it)."""
+    epoch = _setup_of(parent.data).epoch
+    pruned = RunSpec(**_base(parent), transform=MAGNITUDE, transform_options={"sparsity": sparsity}, steps=0)
+    return pruned, pruned.replace(steps=size.finetune_epochs * epoch)
 
 
 def twins(parent: RunSpec, size: Size) -> dict[str, list[RunSpec]]:
-    """The twins of one zoo model: {"vd": [1 run], "mp": [per ratio], "mp-ft": [per ratio]}."""
-    base = dict(data=parent.data, data_options=parent.data_options, model=parent.model,
-                model_options=parent.model_options, batch_size=BATCH, seed=parent.seed, parent=parent, **SPARSIFY)
-    return {"vd": [RunSpec(**base, method="vd", method_options=dict(ALL_LAYERS, update_every=VD_UPDATE_EVERY,
-                                                                    ramp_steps=VD_RAMP_EPOCHS * EPOCH),
-                           steps=size.vd_epochs * EPOCH, eval_every=EPOCH)],
-            "mp": [RunSpec(**base, transform=MAGNITUDE, transform_options={"sparsity": r}, steps=0)
-                   for r in size.ratios],
-            "mp-ft": [RunSpec(**base, transform=MAGNITUDE, transform_options={"sparsity": r},
-                              steps=size.finetune_epochs * EPOCH) for r in size.ratios]}
+    """The twins of one zoo model known before any is trained: {"vd": [1 run], "mp": [per
+    ratio], "mp-ft": [per ratio]} (MP at VD's sparsity: `matched_twins`)."""
+    setup = _setup_of(parent.data)
+    vd = RunSpec(**_base(parent), method="vd", method_options=dict(
+        ALL_LAYERS, update_every=setup.update_every, ramp_steps=VD_RAMP_EPOCHS * setup.epoch),
+        steps=size.vd_epochs * setup.epoch, eval_every=setup.epoch)
+    mp = [magnitude_twins(parent, ratio, size) for ratio in size.ratios]
+    return {"vd": [vd], "mp": [pruned for pruned, _ in mp], "mp-ft": [tuned for _, tuned in mp]}
 
 
-def specs(quick: bool = False, size: Size | None = None) -> list[RunSpec]:
-    """The zoos and their twins (`size`: FULL, QUICK with quick=True, or another Size)."""
+def matched_twins(records, size: Size) -> list[RunSpec]:
+    """MP at VD's sparsity: for every stored VD twin, its parent pruned by global magnitude at
+    exactly the VD twin's final sparsity, without and with fine-tuning."""
+    return [spec for record in records if record.spec.method == "vd" and record.complete
+            for spec in magnitude_twins(record.spec.parent, float(record.metrics["sparsity"]), size)]
+
+
+def specs(quick: bool = False, size: Size | None = None, data_name: str = DATA) -> list[RunSpec]:
+    """The zoos and their twins known before training (`size`: FULL, QUICK with quick=True,
+    or another Size; `data_name`: a data set of ZOOS); `analyze` adds MP at VD's sparsity."""
     size = size if size is not None else QUICK if quick else FULL
     population = []
-    for models in zoo(size).values():
+    for models in zoo(size, data_name).values():
         for parent in models:
             population.append(parent)
             for runs in twins(parent, size).values():
                 population += runs
     return population
+
+
+def digits_specs(quick: bool = False) -> list[RunSpec]:
+    """`specs` on the 8 x 8 digits (the experiment zoo-twins-digits)."""
+    return specs(quick, data_name="digits")
 
 
 class RecordTrajectory(Hook):
@@ -160,7 +222,7 @@ def hooks(spec: RunSpec) -> list[Hook]:
 
 # -- the analyses (plain functions of numbers, tested on hand-made populations) -------------------
 
-def vd_points(metrics: Mapping, epoch: int = EPOCH) -> list[dict]:
+def vd_points(metrics: Mapping, epoch: int) -> list[dict]:
     """A VD run's (epoch, sparsity, accuracy) at every epoch end: the curve's evaluations
     paired with the trajectory's sparsity at the same step, and the final metrics."""
     sparsity_at = {int(step): float(value) for step, value in metrics["vd_trajectory"]}
@@ -285,18 +347,18 @@ def global_magnitude(ctx: transforms.TransformContext) -> torch.nn.Module:
     return magnitude_twin(ctx.parent, sparsity)
 
 
-def _method(spec: RunSpec) -> str:
-    if spec.method == "vd":
-        return "vd"
-    return "mp" if spec.steps == 0 else "mp-ft"
-
-
-def collect(records, store) -> list[dict]:
+def collect(records, store, ratios: Sequence[float] = RATIOS) -> list[dict]:
     """One entry per zoo model (a run without a parent): its record, zoo, accuracy, and its
-    twins (accuracy, sparsity, layer sparsity, agreement with the original on the test split),
-    with MP at VD's epoch sparsities computed here."""
+    twins (accuracy, sparsity, layer sparsity, agreement with the original on the test split):
+    "vd"; "mp" and "mp-ft" at each of `ratios`; "mp@vd" and "mp-ft@vd", the stored runs at the
+    VD twin's final sparsity. The VD twin also holds "mp_matched": MP at the sparsity of each
+    of its epochs (computed here, the last one the stored "mp@vd" run)."""
     test = None
     population = []
+    children: dict[str, list] = {}
+    for record in records:
+        if record.spec.parent is not None:
+            children.setdefault(record.spec.parent.run_id, []).append(record)
     for record in (r for r in records if r.spec.parent is None):
         run_id, kind = record.run_id, "hyper" if record.spec.seed >= HYPER_SEED else "seed"
         if test is None:
@@ -306,26 +368,35 @@ def collect(records, store) -> list[dict]:
         original_outputs = analysis.logits(original, inputs)
         entry = {"run_id": run_id, "zoo": kind, "seed": record.spec.seed, "spec": record.spec,
                  "accuracy": record.metrics["accuracy"], "twins": []}
-        for child in (r for r in records if r.spec.parent is not None and r.spec.parent.run_id == run_id):
-            method = _method(child.spec)
+        mine = children.get(run_id, [])
+        vd_sparsity = next((float(c.metrics["sparsity"]) for c in mine if c.spec.method == "vd"), None)
+        for child in mine:
             outputs = analysis.logits(store.load_model(child.run_id), inputs)
-            twin = {"method": method, "ratio": child.spec.transform_options.get("sparsity"),
-                    "sparsity": child.metrics["sparsity"], "accuracy": child.metrics["accuracy"],
-                    "layer_sparsity": child.metrics["layer_sparsity"],
+            twin = {"ratio": child.spec.transform_options.get("sparsity"), "sparsity": child.metrics["sparsity"],
+                    "accuracy": child.metrics["accuracy"], "layer_sparsity": child.metrics["layer_sparsity"],
                     "agreement": analysis.agreement(outputs, original_outputs)}
-            if method == "vd":
-                twin["points"] = vd_points(child.metrics)
+            if child.spec.method == "vd":
+                twin["points"] = vd_points(child.metrics, _setup_of(child.spec.data).epoch)
                 twin["points"][-1]["agreement"] = twin["agreement"]  # the final twin is the stored one
-                matched = []
-                for point in twin["points"]:
-                    pruned = magnitude_twin(original, point["sparsity"])
-                    pruned_outputs = analysis.logits(pruned, inputs)
-                    matched.append({"epoch": point["epoch"], "sparsity": point["sparsity"],
-                                    "accuracy": analysis.accuracy(pruned_outputs, labels),
-                                    "agreement": analysis.agreement(pruned_outputs, original_outputs),
-                                    "layer_sparsity": analysis.layer_sparsity(analysis.masks(pruned))})
-                twin["mp_matched"] = matched
-            entry["twins"].append(twin)
+                entry["twins"].append({"method": "vd", **twin})
+                continue
+            tuned = "-ft" if child.spec.steps else ""
+            if twin["ratio"] in ratios:
+                entry["twins"].append({"method": "mp" + tuned, **twin})
+            if twin["ratio"] == vd_sparsity:  # the same spec as a grid twin when VD lands on a ratio
+                entry["twins"].append({"method": f"mp{tuned}@vd", **twin})
+        for vd in (t for t in entry["twins"] if t["method"] == "vd"):
+            matched = []
+            for point in vd["points"][:-1]:
+                pruned = magnitude_twin(original, point["sparsity"])
+                pruned_outputs = analysis.logits(pruned, inputs)
+                matched.append({"sparsity": point["sparsity"], "accuracy": analysis.accuracy(pruned_outputs, labels),
+                                "agreement": analysis.agreement(pruned_outputs, original_outputs),
+                                "layer_sparsity": analysis.layer_sparsity(analysis.masks(pruned))})
+            final = next((t for t in entry["twins"] if t["method"] == "mp@vd"), None)
+            if final is not None:
+                matched.append({k: final[k] for k in ("sparsity", "accuracy", "agreement", "layer_sparsity")})
+            vd["mp_matched"] = [{"epoch": point["epoch"], **m} for point, m in zip(vd["points"], matched)]
         population.append(entry)
     return population
 
@@ -348,6 +419,9 @@ def accuracy_rows(population) -> list[dict]:
     for label, key in (("vd", "points"), ("mp@vd", "mp_matched")):
         for epoch in epochs:
             rows.append(_row(label, f"epoch {epoch}", [p for _, t in vd for p in t[key] if p["epoch"] == epoch]))
+    tuned = [t for _, t in _twins(population, "mp-ft@vd")]
+    if tuned:
+        rows.append(_row("mp-ft@vd", f"epoch {epochs[-1]}", tuned))
     return rows
 
 
@@ -377,8 +451,8 @@ def layer_rows(population) -> list[dict]:
 
 def vd_differences(population, against: str) -> list[list[tuple[float, float]]]:
     """Per model, (sparsity, VD - MP accuracy) at every VD epoch: against "mp@vd" (MP of the
-    original at exactly that sparsity) or "mp" / "mp-ft" (their curves over the ratios, with the
-    original at sparsity 0, interpolated)."""
+    original at exactly that sparsity) or "mp" / "mp-ft" (their curves over the ratios and the
+    run at VD's final sparsity, with the original at sparsity 0, interpolated)."""
     result = []
     for entry in population:
         vd = [t for t in entry["twins"] if t["method"] == "vd"]
@@ -390,9 +464,39 @@ def vd_differences(population, against: str) -> list[list[tuple[float, float]]]:
                            for p, m in zip(points, vd[0]["mp_matched"])])
             continue
         curve = [(0.0, entry["accuracy"])] + [(t["sparsity"], t["accuracy"]) for t in entry["twins"]
-                                              if t["method"] == against]
+                                              if t["method"] in (against, against + "@vd")]
         result.append(differences([(p["sparsity"], p["accuracy"]) for p in points], curve))
     return result
+
+
+def matched_differences(population, against: str) -> list[tuple[float, float]]:
+    """Per model, (VD's final sparsity, VD twin - MP twin accuracy) with the MP twin `against`
+    ("mp@vd" or "mp-ft@vd"): the stored run at exactly that sparsity."""
+    found = []
+    for entry in population:
+        vd = next((t for t in entry["twins"] if t["method"] == "vd"), None)
+        mp = next((t for t in entry["twins"] if t["method"] == against), None)
+        if vd is not None and mp is not None:
+            found.append((vd["sparsity"], vd["accuracy"] - mp["accuracy"]))
+    return found
+
+
+def matched_claim(population, against: str, label: str, reference: float = PAPER_CROSSOVER) -> reports.Claim | None:
+    """The paper's ordering at VD's own final sparsity: below `reference` (its crossover) MP
+    (`against`, run at each model's exact VD sparsity) beats VD, above it VD beats MP; tested
+    on the paired per-model differences (the mean sparsity decides which side applies)."""
+    found = matched_differences(population, against)
+    if not found:
+        return None
+    sparsity = statistics.fmean(s for s, _ in found)
+    if sparsity < reference:
+        claim = (f"Below the paper's crossover (~{reference:.0%}), {label} beats VD at VD's own final sparsity "
+                 f"(mean {sparsity:.1%}; MP run at each model's exact VD sparsity)")
+        return reports.claim_above(claim, [-d for _, d in found], 0.0, name=f"{label} - VD", scale=100,
+                                   unit=" points")
+    claim = (f"Above the paper's crossover (~{reference:.0%}), VD beats {label} at VD's own final sparsity "
+             f"(mean {sparsity:.1%}; MP run at each model's exact VD sparsity)")
+    return reports.claim_above(claim, [d for _, d in found], 0.0, name=f"VD - {label}", scale=100, unit=" points")
 
 
 # -- figures and the report -------------------------------------------------------------------
@@ -401,11 +505,22 @@ def _accuracy_figure(rows, original: float):
     series = {}
     for row in rows:
         label = {"mp": "MP (no fine-tune)", "mp-ft": "MP + fine-tune", "vd": "VD (per epoch)",
-                 "mp@vd": "MP at VD's sparsity"}[row["method"]]
+                 "mp@vd": "MP at VD's sparsity", "mp-ft@vd": "MP + fine-tune at VD's final sparsity"}[row["method"]]
         series.setdefault(label, []).append((100 * row["sparsity"], 100 * row["accuracy"], 100 * row["accuracy_std"]))
     return reports.plot_lines(series, xlabel="sparsity (%)", ylabel="test accuracy (%)",
                               title="Zoo twins: accuracy against sparsity (mean ± std)",
                               baselines={"originals": 100 * original})
+
+
+def _labelled(figure, axes, *, ylabel: str, title: str, xlabel: str | None = None, fontsize=None):
+    """The figure with its axis labels, title and legend, laid out."""
+    if xlabel is not None:
+        axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize=fontsize)
+    figure.tight_layout()
+    return figure
 
 
 def _layer_figure(rows):
@@ -419,11 +534,8 @@ def _layer_figure(rows):
         axes.bar([j + i * width for j in range(len(layers))], [100 * found[layer]["mean"] for layer in layers],
                  width, yerr=[100 * found[layer]["std"] for layer in layers], capsize=2, label=method)
     axes.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
-    axes.set_ylabel("layer sparsity (%)")
-    axes.set_title("Layer-wise sparsity over the population (mean ± std)")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axes, ylabel="layer sparsity (%)",
+                     title="Layer-wise sparsity over the population (mean ± std)", fontsize=8)
 
 
 def _correlation_figure(pairs: dict[str, tuple[list[float], list[float]]]):
@@ -431,12 +543,8 @@ def _correlation_figure(pairs: dict[str, tuple[list[float], list[float]]]):
     figure, axes = plt.subplots(figsize=(5, 5))
     for label, (x, y) in pairs.items():
         axes.scatter([100 * v for v in x], [100 * v for v in y], s=12, label=label)
-    axes.set_xlabel("original accuracy (%)")
-    axes.set_ylabel("twin accuracy (%)")
-    axes.set_title("Original vs twin accuracy")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axes, xlabel="original accuracy (%)", ylabel="twin accuracy (%)",
+                     title="Original vs twin accuracy", fontsize=8)
 
 
 def _trajectory_figure(rows):
@@ -448,12 +556,7 @@ def _trajectory_figure(rows):
                   marker="o", capsize=3, label="measured (mean ± std)")
     axes.scatter(list(PAPER_TRAJECTORY), [100 * v for v in PAPER_TRAJECTORY.values()], marker="x", color="black",
                  s=60, label="paper (MNIST zoo)", zorder=3)
-    axes.set_xlabel("VD epoch")
-    axes.set_ylabel("sparsity (%)")
-    axes.set_title("VD sparsity trajectory")
-    axes.legend()
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axes, xlabel="VD epoch", ylabel="sparsity (%)", title="VD sparsity trajectory")
 
 
 def _crossover_figure(results: dict[str, dict]):
@@ -465,12 +568,8 @@ def _crossover_figure(results: dict[str, dict]):
             axes.plot([100 * c for c, _, _ in result["curve"]], [100 * d for _, d, _ in result["curve"]], marker="o",
                       label=label)
     axes.axvline(100 * PAPER_CROSSOVER, color="grey", linestyle=":", label="paper's crossover (~80%)")
-    axes.set_xlabel("sparsity (%)")
-    axes.set_ylabel("VD - MP accuracy (points)")
-    axes.set_title("Where VD starts to beat MP (binned mean over the population)")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axes, xlabel="sparsity (%)", ylabel="VD - MP accuracy (points)",
+                     title="Where VD starts to beat MP (binned mean over the population)", fontsize=8)
 
 
 def _trajectory_claims(population) -> list[reports.Claim]:
@@ -492,23 +591,71 @@ def _trajectory_claims(population) -> list[reports.Claim]:
     return found
 
 
-def analyze(records, store, quick: bool, size: Size | None = None) -> reports.Report:
+def settings_of(spec: RunSpec) -> dict:
+    """A zoo model's hyperparameters, as the grid names them."""
+    return {"activation": spec.model_options.get("activation"), "init": spec.model_options.get("init"),
+            "optimizer": spec.optimizer, "lr": spec.lr, "weight_decay": spec.optimizer_options.get("weight_decay"),
+            "dropout": spec.model_options.get("dropout", 0.0)}
+
+
+def hyper_rows(population) -> list[dict]:
+    """The hyperparameter zoo, a row per model: its settings, original accuracy, and its VD
+    twin's sparsity and accuracy next to MP + fine-tune at that sparsity."""
+    rows = []
+    for entry in (e for e in population if e["zoo"] == "hyper"):
+        twin = {t["method"]: t for t in entry["twins"]}
+        vd, tuned = twin.get("vd"), twin.get("mp-ft@vd")
+        rows.append({"seed": entry["seed"], **settings_of(entry["spec"]), "original": entry["accuracy"],
+                     "vd sparsity": None if vd is None else vd["sparsity"],
+                     "vd": None if vd is None else vd["accuracy"],
+                     "mp-ft@vd": None if tuned is None else tuned["accuracy"]})
+    return rows
+
+
+def train_matched(records, store, size: Size, executor=None) -> list:
+    """The records with MP at VD's sparsity added: its runs (`matched_twins`) trained into the
+    store where missing (`executor` as run_population's; default: worker processes), reused
+    where stored. Raises when one fails (no report), naming it."""
+    records = list(records)
+    wanted = matched_twins(records, size)
+    if not wanted:
+        return records
+    result = run_population(wanted, store.directory, executor=executor, hooks=hooks,
+                            description=f"{NAME}: MP at VD's sparsity")
+    if not result.complete:
+        failed = "; ".join(f"{r.run_id} {r.spec.label}: {(r.error or r.status).strip().splitlines()[-1]}"
+                           for r in result.failed)
+        raise RuntimeError(f"{NAME}: {len(result.failed)} run(s) of MP at VD's sparsity failed, no report written "
+                           f"(run the reproduction again to retry them): {failed}")
+    known = {record.run_id for record in records}
+    return records + [record for record in result.records if record.run_id not in known]
+
+
+def analyze(records, store, quick: bool, size: Size | None = None, *, executor=None) -> reports.Report:
+    """The report of the stored runs, once MP at VD's sparsity is trained (`train_matched`)."""
     size = size if size is not None else QUICK if quick else FULL
-    population = collect(records, store)
+    records = train_matched(records, store, size, executor)
+    population = collect(records, store, size.ratios)
     rows = accuracy_rows(population)
     seed_zoo = [e for e in population if e["zoo"] == "seed"]
     originals = [e["accuracy"] for e in population]
-    report = reports.Report("Sparsified Model Zoo Twins: MP vs VD on an MNIST-1D CNN zoo")
+    setup = _setup_of(population[0]["spec"].data)
+    report = reports.Report(f"Sparsified Model Zoo Twins: MP vs VD on {setup.data} CNN zoos")
     report.text(
         f"{len(seed_zoo)} seed-zoo and {len(population) - len(seed_zoo)} hyperparameter-zoo models "
-        f"(`cnn1d` {ARCHITECTURE}, 2,458 parameters, MNIST-1D, {size.zoo_epochs} epochs of batch {BATCH}); "
-        f"twins: VD for {size.vd_epochs} epochs (beta 0 -> 0.01 over {VD_RAMP_EPOCHS} epochs, log_alpha < 3), "
-        f"global MP at "
-        f"{', '.join(f'{r:.0%}' for r in size.ratios)} without and "
+        f"({setup.description}, {setup.parameters:,} parameters, {size.zoo_epochs} epochs of batch {BATCH}; the "
+        f"hyperparameter grid: activation {', '.join(GRID['activation'])}, init "
+        f"{', '.join(GRID['init'])}, optimizer and lr {', '.join(f'{o} {lr:g}' for o, lr in GRID['optimizer'])}, "
+        f"weight decay {', '.join(f'{w:g}' for w in GRID['weight_decay'])}, dropout "
+        f"{', '.join(f'{d:g}' for d in GRID['dropout'])}); twins: VD for {size.vd_epochs} epochs (beta 0 -> 0.01 "
+        f"over {VD_RAMP_EPOCHS} epochs, log_alpha < 3), global MP at "
+        f"{', '.join(f'{r:.0%}' for r in size.ratios)} and at each VD twin's final sparsity, without and "
         f"with {size.finetune_epochs} epoch(s) of masked fine-tuning, AdamW lr 1e-3 for both; every weight layer "
         f"pruned. Original accuracy {100 * statistics.fmean(originals):.2f} ± "
-        f"{100 * (statistics.stdev(originals) if len(originals) > 1 else 0):.2f} %. Not covered: dropout in the "
-        "hyperparameter zoo (the 1-D CNN has none); the paper's 2-D zoo CNN on 28 x 28 MNIST."
+        f"{100 * (statistics.stdev(originals) if len(originals) > 1 else 0):.2f} %. Rows mp@vd: MP at the "
+        "sparsity of each VD epoch (the last epoch's the stored run at the VD twin's final sparsity, the earlier "
+        "ones evaluated in the analysis, without fine-tuning); mp-ft@vd: the stored runs with fine-tuning at the "
+        "final sparsity. Not covered: the paper's 2-D zoo CNN on 28 x 28 MNIST."
         + (f" A quick run: {size.vd_epochs} VD epochs, so the 25-epoch point of the trajectory is not measured."
            if size.vd_epochs < 25 else ""))
     report.table("accuracy", rows)
@@ -538,6 +685,8 @@ def analyze(records, store, quick: bool, size: Size | None = None) -> reports.Re
             f"{100 * result['fractions'].get('vd-ahead', 0):.0f}%, MP ahead throughout: "
             f"{100 * result['fractions'].get('mp-ahead', 0):.0f}% ({result['models']} models)",
             crossover_verdict(result), None, {k: v for k, v in result.items() if k != "curve"}))
+    claims += [claim for claim in (matched_claim(population, "mp@vd", "MP"),
+                                   matched_claim(population, "mp-ft@vd", "MP + fine-tune")) if claim is not None]
     claims.append(reports.claim_above("VD twins agree highly with their originals (agreement above 0.9)",
                                       [t["agreement"] for _, t in vd_pairs], 0.9, name="VD agreement"))
     pairs = _twins(population, "mp-ft", 0.5)
@@ -562,6 +711,10 @@ def analyze(records, store, quick: bool, size: Size | None = None) -> reports.Re
     for claim in claims:
         report.claim(claim)
     report.table("correlations", correlations)
+    hyper = hyper_rows(population)
+    if hyper:
+        report.text("The hyperparameter zoo, model by model (VD twin and MP + fine-tune at its final sparsity):")
+        report.table("hyperparameter-zoo", hyper)
     report.text("Claims on crossover use this rule: it holds when the estimate is within 10 points of 80% and the "
                 "bootstrap interval inside 60..100%; it does not hold when the interval misses 70..90% or at most "
                 "5% of the bootstrap samples have a crossover. Correlation claims hold when the 95% Fisher-z interval "
@@ -577,7 +730,7 @@ def analyze(records, store, quick: bool, size: Size | None = None) -> reports.Re
         "original against twin accuracy over the population")
     report.figure("crossover", _crossover_figure(crossovers), "VD minus MP accuracy per sparsity bin")
     report.numbers.update(
-        accuracy=rows, layers=layers, correlations=correlations, crossovers=crossovers,
+        accuracy=rows, layers=layers, correlations=correlations, crossovers=crossovers, hyperparameter_zoo=hyper,
         models=[{"run_id": e["run_id"], "zoo": e["zoo"], "seed": e["seed"], "accuracy": e["accuracy"],
                  "twins": [{k: v for k, v in t.items() if k != "layer_sparsity"} for t in e["twins"]]}
                 for e in population])
@@ -586,3 +739,5 @@ def analyze(records, store, quick: bool, size: Size | None = None) -> reports.Re
 
 register(Experiment(NAME, "Sparsified Model Zoo Twins: MNIST-1D CNN zoos (seeds, hyperparameters) sparsified by VD "
                     "and global MP; accuracy, agreement, correlation, crossover", specs, analyze, hooks))
+register(Experiment(f"{NAME}-digits", "Sparsified Model Zoo Twins on the 8 x 8 digits (the paper's zoo CNN, padded)",
+                    digits_specs, analyze, hooks))
