@@ -13,7 +13,6 @@ from torch import nn
 import dynasparse.optim
 from dynasparse.nn import SparseConv1d, SparseConv2d, SparseLinear
 from dynasparse.nn.variational import VDConv1d, VDConv2d, VDLinear
-from tests.nn.test_costs import cost_model  # noqa: F401  (the fixture: a fresh cost model, fake timings)
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 # Samples per output of the Monte-Carlo checks, and the bound in standard errors: a fresh
