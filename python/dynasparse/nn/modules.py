@@ -634,8 +634,8 @@ class _SparseConvNd(_SparseMixin):
         geometry = self._geometry_2d()
         runs_on_kernel = (plan is not None and plan.kernel == "panels" and self.groups == 1
                           and not (geometry[0] == (1, 1) and geometry[2] == (0, 0)))
-        self._grad_input_plan = (_InputGradientPlans(self.mask.reshape(*self.mask.shape[:2], *geometry[0]), geometry,
-                                                     plan.backend) if runs_on_kernel else None)
+        self._grad_input_plan = (_InputGradientPlans(plan, self.mask.reshape(*self.mask.shape[:2], *geometry[0]),
+                                                     geometry) if runs_on_kernel else None)
 
     def _geometry_key(self) -> tuple:
         return (tuple(self.weight.shape), tuple(self.stride), str(self.padding), tuple(self.dilation), self.groups,
@@ -739,14 +739,17 @@ class _PanelConv2d(FullArgsFunction):
         mask = ctx.plan.mask.reshape(weight.shape)
         wants_x = ctx.needs_input_grad[0]
         wants_weight = ctx.needs_input_grad[1] and ctx.weight_grad != "none"
-        grad_x = _kernel_grad_input(ctx, grad_out, x, weight) if wants_x else None
+        grad_x = _kernel_grad_input(ctx, grad_out, x, weight_2d) if wants_x else None
         grad_weight = grad_bias = None
         if wants_weight or (wants_x and grad_x is None):
             # One call of torch's convolution backward for what the kernel does not compute: its
             # dense weight gradient beats an SDDMM over unfolded patches at every measured sparsity.
+            # The weight's values only matter to the input gradient.
+            torch_computes_x = wants_x and grad_x is None
             torch_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad_out, x, masked_weight_for(weight, mask, None, ctx.weight_grad), None, list(stride),
-                list(padding), list(dilation), False, [0, 0], 1, [wants_x and grad_x is None, wants_weight, False])
+                grad_out, x, masked_weight_for(weight, mask, None, ctx.weight_grad) if torch_computes_x else weight,
+                None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                [torch_computes_x, wants_weight, False])
             grad_x = torch_x if grad_x is None else grad_x
             if grad_weight is not None:
                 if ctx.weight_grad == "nonzeros":
@@ -757,13 +760,14 @@ class _PanelConv2d(FullArgsFunction):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _kernel_grad_input(ctx, grad_out, x, weight):
+def _kernel_grad_input(ctx, grad_out, x, weight_2d):
     """The input gradient on conv2d_panels, or None where it does not run there (a backward
     that must itself be differentiable, or a geometry the plans were not built for)."""
     plans = ctx.grad_input_plan
     if plans is None or torch.is_grad_enabled() or plans.geometry != tuple(map(tuple, ctx.geometry)):
         return None
-    return plans.grad_input(grad_out, weight, x.shape)
+    # The forward's packed values (cached: the weight has not changed since).
+    return plans.grad_input(grad_out, ctx.plan.pack(weight_2d), x.shape)
 
 
 class _InputGradientPlans:
@@ -775,43 +779,54 @@ class _InputGradientPlans:
     (spaced dilation / gcd(dilation, stride) apart), channels in for out. Stride 1 is one phase
     with every tap, the flipped, transposed kernel; stride s has up to s phases per dimension
     whose taps together are the kernel, so the work is the dense gradient's times the density.
-    Built with the mask's plan (never in compiled code): one plan per phase."""
+    Built with the mask's plan (never in compiled code): per phase a plan and where its packed
+    values sit among the forward's (a gather replaces repacking the weight at every backward)."""
 
-    def __init__(self, mask: torch.Tensor, geometry, backend: str | None):
+    def __init__(self, plan: MaskPlan, mask: torch.Tensor, geometry):
         self.geometry = tuple(map(tuple, geometry))
         kernel_size, stride, padding, dilation = self.geometry
+        n, k = plan.shape
+        # Float64 positions are exact below 2**53 nonzeros.
+        order = torch.arange(plan.index[1].numel(), dtype=torch.float64, device=mask.device)
+        positions = ops.unpack_panels(order, *plan.index, plan.size, n, k, backend=plan.backend).reshape(mask.shape)
         per_dimension = [_phases(*parts) for parts in zip(kernel_size, stride, padding, dilation)]
         self.phases = []
         for residue_h, taps_h, step_h in per_dimension[0]:
             for residue_w, taps_w, step_w in per_dimension[1]:
                 taps = (taps_h, taps_w)
-                self.phases.append(((residue_h, residue_w), taps, (step_h, step_w),
-                                    MaskPlan(_flipped_transposed(_taps(mask, taps)), backend=backend)))
+                phase_plan = MaskPlan(_flipped_transposed(_taps(mask, taps)), backend=plan.backend)
+                gather = ops.pack_panels(_flipped_transposed(_taps(positions, taps)), *phase_plan.index,
+                                         phase_plan.size, backend=plan.backend).long()
+                self.phases.append(((residue_h, residue_w), taps, (step_h, step_w), phase_plan, gather))
+        # Whether every input position is reached (else the unreached ones get a zero gradient).
+        self.covering = len(self.phases) == stride[0] * stride[1]
 
-    def grad_input(self, grad_out: torch.Tensor, weight: torch.Tensor, input_shape) -> torch.Tensor:
+    def grad_input(self, grad_out: torch.Tensor, values: torch.Tensor, input_shape) -> torch.Tensor:
         kernel_size, stride, padding, dilation = self.geometry
+        grad_out = grad_out.contiguous()
         single_phase = stride == (1, 1)
-        grad_x = None if single_phase else grad_out.new_zeros(input_shape)
-        for residues, taps, steps, plan in self.phases:
-            # Per dimension: the phase's input count, and the output gradient's padding (negative:
-            # cropped) that lines its taps up with a stride-1 correlation giving that count.
-            counts, pads = [], []
+        grad_x = None
+        if not single_phase:
+            grad_x = (grad_out.new_empty if self.covering else grad_out.new_zeros)(input_shape)
+        for residues, taps, steps, plan, gather in self.phases:
+            # Per dimension: the phase's input count, and the output gradient's padding on each
+            # side (negative: cropped) lining its taps up with a stride-1 correlation of that
+            # count. The kernel pads both sides alike: the larger of the two, and the extra
+            # rows or columns of its output are sliced off.
+            counts, pads, offsets = [], [], []
             for d in range(2):
                 count = -(-(input_shape[2 + d] - residues[d]) // stride[d])
-                first = (residues[d] + padding[d] - dilation[d] * taps[d][-1]) // stride[d]
-                right = count + steps[d] * (len(taps[d]) - 1) - grad_out.shape[2 + d] + first
+                left = -((residues[d] + padding[d] - dilation[d] * taps[d][-1]) // stride[d])
+                right = count + steps[d] * (len(taps[d]) - 1) - grad_out.shape[2 + d] - left
                 counts.append(count)
-                pads.append((-first, right))
+                pads.append(max(0, left, right))
+                offsets.append(pads[-1] - left)
             if min(counts) <= 0:
                 continue
-            if all(left == right >= 0 for left, right in pads):
-                source, conv_padding = grad_out, [pads[0][0], pads[1][0]]
-            else:
-                source, conv_padding = F.pad(grad_out, (*pads[1], *pads[0])), [0, 0]
-            values = plan.pack(_flipped_transposed(_taps(weight, taps)))
-            part = ops.conv2d_panels(source.contiguous(), values, *plan.index, plan.size, input_shape[1],
-                                     [len(taps[0]), len(taps[1])], [1, 1], conv_padding, list(steps),
+            part = ops.conv2d_panels(grad_out, values.index_select(0, gather), *plan.index, plan.size,
+                                     input_shape[1], [len(taps[0]), len(taps[1])], [1, 1], pads, list(steps),
                                      backend=plan.backend)
+            part = part[:, :, offsets[0]:offsets[0] + counts[0], offsets[1]:offsets[1] + counts[1]]
             if single_phase:
                 return part
             grad_x[:, :, residues[0]::stride[0], residues[1]::stride[1]] = part
