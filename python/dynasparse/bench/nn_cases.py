@@ -171,12 +171,16 @@ def conv_workload(device: torch.device, channels: int, spatial: int, batch: int,
 
 def same_values(output, expected):
     """Each tensor equal to the baseline's up to fp32 rounding, relative to its largest
-    element: the kernels sum in another order and skip the zeros."""
+    element: both are fp32 sums of hundreds of products taken in different orders (the
+    kernels skip the zeros; even torch's own dense product of the same weights rounds
+    differently when they sit at another address), which differ by up to about 1e-4 of the
+    largest element. A kernel that computes something else (a dropped term, a wrong index)
+    is off by far more; exact values are tested against float64 in tests/."""
     outputs, expecteds = (output, expected) if isinstance(expected, tuple) else ((output,), (expected,))
     assert len(outputs) == len(expecteds), (len(outputs), len(expecteds))
     for got, want in zip(outputs, expecteds):
         scale = want.abs().max().item() if want.numel() else 0.0
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * scale)
 
 
 def _same_shape(output, expected):
