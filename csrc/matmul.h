@@ -286,9 +286,28 @@ inline int64_t conv_output_size(int64_t input, int64_t kernel, int64_t stride, i
   return (input + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
 }
 
-inline void check_conv_param(const char* name, c10::IntArrayRef param, int64_t minimum) {
-  TORCH_CHECK_VALUE(param.size() == 2 && param[0] >= minimum && param[1] >= minimum,
-                    "dynasparse.conv2d_panels: ", name, " must be two integers >= ", minimum, ", got ", param);
+inline void check_conv_param(const char* op, const char* name, c10::IntArrayRef param, int64_t minimum) {
+  TORCH_CHECK_VALUE(param.size() == 2 && param[0] >= minimum && param[1] >= minimum, "dynasparse.", op, ": ", name,
+                    " must be two integers >= ", minimum, ", got ", param);
+}
+
+// The four parameters of a 2-D convolution (after x, whose spatial size the reach check needs).
+inline void check_conv_params(const char* op, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                              c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  check_conv_param(op, "kernel_size", kernel_size, 1);
+  check_conv_param(op, "stride", stride, 1);
+  check_conv_param(op, "padding", padding, 0);
+  check_conv_param(op, "dilation", dilation, 1);
+}
+
+// x's padded size holds the dilated kernel in both spatial dimensions (an output of >= 1 pixel).
+inline void check_conv_reach(const char* op, const at::Tensor& x, c10::IntArrayRef kernel_size,
+                             c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  for (int d = 0; d < 2; ++d) {
+    const int64_t padded = x.size(2 + d) + 2 * padding[d], reach = dilation[d] * (kernel_size[d] - 1) + 1;
+    TORCH_CHECK_VALUE(padded >= reach, "dynasparse.", op, ": x's padded size ", padded, " in dimension ", 2 + d,
+                      " is smaller than the dilated kernel's ", reach);
+  }
 }
 
 // x [B, C, H, W] convolved with the [n, C * kh * kw] matrix of a panel plan.
@@ -300,19 +319,33 @@ inline void check_conv2d_panels(const at::Tensor& x, const at::Tensor& values, c
   check_size(op, "n", n);
   check_float(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() == 4, "dynasparse.conv2d_panels: x must be 4-D [B, C, H, W], got ", x.dim(), "-D");
-  check_conv_param("kernel_size", kernel_size, 1);
-  check_conv_param("stride", stride, 1);
-  check_conv_param("padding", padding, 0);
-  check_conv_param("dilation", dilation, 1);
+  check_conv_params(op, kernel_size, stride, padding, dilation);
   check_panel_plan(op, row_ptr, cols, panel, n, x.size(1) * kernel_size[0] * kernel_size[1], x, "x");
   check_panel_values(op, values, cols);
   check_same_dtype(op, "values", values, x, "x");
   check_bias(op, bias, n, x);
-  for (int d = 0; d < 2; ++d) {
-    const int64_t padded = x.size(2 + d) + 2 * padding[d], reach = dilation[d] * (kernel_size[d] - 1) + 1;
-    TORCH_CHECK_VALUE(padded >= reach, "dynasparse.conv2d_panels: x's padded size ", padded, " in dimension ", 2 + d,
-                      " is smaller than the dilated kernel's ", reach);
-  }
+  check_conv_reach(op, x, kernel_size, padding, dilation);
+}
+
+// grad_out [B, N, OH, OW] of x [B, C, H, W]'s convolution: the plan is of the [N, C * kh * kw]
+// weight gradient.
+inline void check_conv2d_sddmm_panels(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
+                                      const at::Tensor& cols, int64_t panel, c10::IntArrayRef kernel_size,
+                                      c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const char* op = "conv2d_sddmm_panels";
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() == 4, "dynasparse.", op, ": x must be 4-D [B, C, H, W], got ", x.dim(), "-D");
+  check_operand(op, "grad_out", grad_out, x, "x");
+  TORCH_CHECK_VALUE(grad_out.dim() == 4, "dynasparse.", op, ": grad_out must be 4-D [B, N, OH, OW], got ",
+                    grad_out.dim(), "-D");
+  check_conv_params(op, kernel_size, stride, padding, dilation);
+  check_conv_reach(op, x, kernel_size, padding, dilation);
+  const int64_t out_h = conv_output_size(x.size(2), kernel_size[0], stride[0], padding[0], dilation[0]);
+  const int64_t out_w = conv_output_size(x.size(3), kernel_size[1], stride[1], padding[1], dilation[1]);
+  TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(2) == out_h && grad_out.size(3) == out_w,
+                    "dynasparse.", op, ": grad_out must be [", x.size(0), ", N, ", out_h, ", ", out_w,
+                    "] (the convolution output of x ", x.sizes(), " with this geometry), got ", grad_out.sizes());
+  check_panel_plan(op, row_ptr, cols, panel, grad_out.size(1), x.size(1) * kernel_size[0] * kernel_size[1], x, "x");
 }
 
 // grad_out (..., N) and x (..., K): same leading dims, same dtype and device. Their widths

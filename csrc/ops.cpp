@@ -96,6 +96,10 @@ TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
   // plan's K index is c * kh * kw + dy * kw + dx (a conv weight reshaped to 2-D). Zero padding.
   m.def("conv2d_panels(Tensor x, Tensor values, Tensor row_ptr, Tensor cols, int panel, SymInt n, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? bias=None) -> Tensor");
+  // Packed values (plan order) of that convolution's weight gradient, [n, C * kh * kw] at the
+  // plan's nonzeros, from grad_out [B, n, OH, OW] and x: summed over images and output pixels.
+  m.def("conv2d_sddmm_panels(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor cols, int panel, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   m.def("masked_mm(Tensor x, Tensor weight, Tensor mask_words, Tensor tile_ptr, Tensor tile_cols, int tile, "
         "Tensor? bias=None) -> Tensor");
   // Dense [N, K] weight gradient, zero wherever the mask is.

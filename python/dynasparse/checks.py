@@ -549,9 +549,25 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _check_conv_param(name: str, param, minimum: int) -> None:
+def _check_conv_param(op: str, name: str, param, minimum: int) -> None:
     if len(param) != 2 or param[0] < minimum or param[1] < minimum:
-        raise ValueError(f"dynasparse.conv2d_panels: {name} must be two integers >= {minimum}, got {list(param)}")
+        raise ValueError(f"dynasparse.{op}: {name} must be two integers >= {minimum}, got {list(param)}")
+
+
+def _check_conv_params(op: str, kernel_size, stride, padding, dilation) -> None:
+    _check_conv_param(op, "kernel_size", kernel_size, 1)
+    _check_conv_param(op, "stride", stride, 1)
+    _check_conv_param(op, "padding", padding, 0)
+    _check_conv_param(op, "dilation", dilation, 1)
+
+
+def _check_conv_reach(op: str, x, kernel_size, padding, dilation) -> None:
+    """x's padded size holds the dilated kernel in both spatial dimensions (>= 1 output pixel)."""
+    for d in range(2):
+        padded, reach = x.shape[2 + d] + 2 * padding[d], dilation[d] * (kernel_size[d] - 1) + 1
+        if padded < reach:
+            raise ValueError(f"dynasparse.{op}: x's padded size {padded} in dimension {2 + d} "
+                             f"is smaller than the dilated kernel's {reach}")
 
 
 def check_conv2d_panels(x, values, row_ptr, cols, panel: int, n: int, kernel_size, stride, padding, dilation,
@@ -561,19 +577,34 @@ def check_conv2d_panels(x, values, row_ptr, cols, panel: int, n: int, kernel_siz
     _check_float(op, "x", x)
     if x.dim() != 4:
         raise ValueError(f"dynasparse.conv2d_panels: x must be 4-D [B, C, H, W], got {x.dim()}-D")
-    _check_conv_param("kernel_size", kernel_size, 1)
-    _check_conv_param("stride", stride, 1)
-    _check_conv_param("padding", padding, 0)
-    _check_conv_param("dilation", dilation, 1)
+    _check_conv_params(op, kernel_size, stride, padding, dilation)
     check_panel_plan(op, row_ptr, cols, panel, n, x.shape[1] * kernel_size[0] * kernel_size[1], x, "x")
     _check_panel_values(op, values, cols)
     _check_same_dtype(op, "values", values, x, "x")
     _check_bias(op, bias, n, x)
-    for d in range(2):
-        padded, reach = x.shape[2 + d] + 2 * padding[d], dilation[d] * (kernel_size[d] - 1) + 1
-        if padded < reach:
-            raise ValueError(f"dynasparse.conv2d_panels: x's padded size {padded} in dimension {2 + d} "
-                             f"is smaller than the dilated kernel's {reach}")
+    _check_conv_reach(op, x, kernel_size, padding, dilation)
+
+
+def check_conv2d_sddmm_panels(grad_out, x, row_ptr, cols, panel: int, kernel_size, stride, padding,
+                              dilation) -> None:
+    """grad_out [B, N, OH, OW] of x [B, C, H, W]'s convolution; the plan is of the
+    [N, C * kh * kw] weight gradient."""
+    op = "conv2d_sddmm_panels"
+    _check_float(op, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"dynasparse.{op}: x must be 4-D [B, C, H, W], got {x.dim()}-D")
+    _check_operand(op, "grad_out", grad_out, x, "x")
+    if grad_out.dim() != 4:
+        raise ValueError(f"dynasparse.{op}: grad_out must be 4-D [B, N, OH, OW], got {grad_out.dim()}-D")
+    _check_conv_params(op, kernel_size, stride, padding, dilation)
+    _check_conv_reach(op, x, kernel_size, padding, dilation)
+    out_h, out_w = (conv_output_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])
+                    for d in range(2))
+    if grad_out.shape[0] != x.shape[0] or grad_out.shape[2] != out_h or grad_out.shape[3] != out_w:
+        raise ValueError(f"dynasparse.{op}: grad_out must be [{x.shape[0]}, N, {out_h}, {out_w}] (the convolution "
+                         f"output of x {list(x.shape)} with this geometry), got {list(grad_out.shape)}")
+    check_panel_plan(op, row_ptr, cols, panel, grad_out.shape[1], x.shape[1] * kernel_size[0] * kernel_size[1], x,
+                     "x")
 
 
 def _check_sddmm_operands(op: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:

@@ -440,6 +440,9 @@ def _opcheck_samples():
         # K = 20 = 5 channels x a 2 x 2 kernel.
         "conv2d_panels": (randn(2, 5, 4, 6, seed=86), values, row_ptr, cols, 8, 9, [2, 2], [2, 1], [1, 0], [1, 2],
                           bias),
+        # Its weight gradient: grad_out [2, 9, 3, 4] is that convolution's output.
+        "conv2d_sddmm_panels": (randn(2, 9, 3, 4, seed=87), randn(2, 5, 4, 6, seed=86), row_ptr, cols, 8, [2, 2],
+                                [2, 1], [1, 0], [1, 2]),
         "sddmm_panels": (grad_out, x, row_ptr, cols, 8),
         "sddmm_blocks": (grad_out, x, mask, block_ptr, block_cols, 4),
         "masked_mm": (x, weight, words, tile_ptr, tile_cols, 32, bias),

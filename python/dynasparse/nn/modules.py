@@ -705,9 +705,9 @@ class SparseConv1d(_SparseConvNd, nn.Conv1d):
 class _PanelConv2d(FullArgsFunction):
     """conv2d_panels forward. Backward: the input gradient on the same kernel, as convolutions
     of grad_out over `grad_input_plan` (an _InputGradientPlans); the weight gradient is torch's
-    dense one (feedback), kept at the mask (masked) or none (`weight_grad`). A backward that
-    must itself be differentiable (create_graph=True, torch.func) runs torch's convolutions of
-    w * m."""
+    dense one (feedback), conv2d_sddmm_panels at the mask's nonzeros (masked) or none
+    (`weight_grad`). A backward that must itself be differentiable (create_graph=True,
+    torch.func) runs torch's convolutions of w * m."""
 
     @staticmethod
     def forward(x, weight_2d, bias, values, plan, weight_grad, geometry, grad_input_plan):
@@ -741,20 +741,28 @@ class _PanelConv2d(FullArgsFunction):
         wants_weight = ctx.needs_input_grad[1] and ctx.weight_grad != "none"
         grad_x = _kernel_grad_input(ctx, grad_out, x, weight_2d) if wants_x else None
         grad_weight = grad_bias = None
+        if wants_weight and ctx.weight_grad == "nonzeros" and not torch.is_grad_enabled() and x.is_cpu:
+            # Masked mode: the weight gradient at the nonzeros only, an implicit-GEMM SDDMM (on
+            # CUDA it would run the unfolding reference, slower than torch's dense gradient).
+            values = ops.conv2d_sddmm_panels(grad_out, x, *ctx.plan.index, ctx.plan.size, *ctx.geometry,
+                                             backend=ctx.plan.backend)
+            grad_weight = ops.unpack_panels(values, *ctx.plan.index, ctx.plan.size, *weight_2d.shape,
+                                            backend=ctx.plan.backend)
+            wants_weight = False
         if wants_weight or (wants_x and grad_x is None):
-            # One call of torch's convolution backward for what the kernel does not compute: its
-            # dense weight gradient beats an SDDMM over unfolded patches at every measured sparsity.
-            # The weight's values only matter to the input gradient.
+            # One call of torch's convolution backward for what the kernels do not compute: the
+            # dense weight gradient of feedback mode, or the input gradient of a backward that must
+            # be differentiable. The weight's values only matter to the input gradient.
             torch_computes_x = wants_x and grad_x is None
-            torch_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            torch_x, torch_weight, _ = torch.ops.aten.convolution_backward(
                 grad_out, x, masked_weight_for(weight, mask, None, ctx.weight_grad) if torch_computes_x else weight,
                 None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
                 [torch_computes_x, wants_weight, False])
             grad_x = torch_x if grad_x is None else grad_x
-            if grad_weight is not None:
+            if torch_weight is not None:
                 if ctx.weight_grad == "nonzeros":
-                    grad_weight = torch.where(mask, grad_weight, 0)
-                grad_weight = grad_weight.reshape(weight_2d.shape)
+                    torch_weight = torch.where(mask, torch_weight, 0)
+                grad_weight = torch_weight.reshape(weight_2d.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None, None, None

@@ -11,7 +11,8 @@ Layouts (full description in csrc/ops.cpp):
 The input gradient is the forward product over the plan of m.T with w.T's values, so every
 product runs the same kernels. `dynasparse.layout.MaskPlan` builds and caches all of this.
 conv2d_panels is the forward product of a convolution whose weight [n, C, kh, kw] is planned
-as [n, C * kh * kw]: an implicit GEMM over NCHW input, no unfolded copy of it.
+as [n, C * kh * kw]: an implicit GEMM over NCHW input, no unfolded copy of it;
+conv2d_sddmm_panels is its masked weight gradient, the same way.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def _conv2d_panels_fake(x, values, row_ptr, cols, panel, n, kernel_size, stride,
     return x.new_empty((x.shape[0], n, out_h, out_w))
 
 
+def _conv2d_sddmm_panels_fake(grad_out, x, row_ptr, cols, panel, kernel_size, stride, padding, dilation):
+    checks.check_conv2d_sddmm_panels(grad_out, x, row_ptr, cols, panel, kernel_size, stride, padding, dilation)
+    return x.new_empty(cols.shape)
+
+
 def _sddmm_panels_fake(grad_out, x, row_ptr, cols, panel):
     checks.check_sddmm_panels(grad_out, x, row_ptr, cols, panel)
     return x.new_empty(cols.shape)
@@ -132,6 +138,9 @@ _sddmm_blocks = Op("sddmm_blocks", fake=_sddmm_blocks_fake, reference=reference.
 # plan on a CUDA tensor gets the reference (unpacked weight + F.conv2d) without a warning.
 _conv2d_panels = Op("conv2d_panels", fake=_conv2d_panels_fake, reference=reference.conv2d_panels, triton=None,
                     preference={"cpu": ("cpu", "reference"), "cuda": ("reference",)})
+_conv2d_sddmm_panels = Op("conv2d_sddmm_panels", fake=_conv2d_sddmm_panels_fake,
+                          reference=reference.conv2d_sddmm_panels, triton=None,
+                          preference={"cpu": ("cpu", "reference"), "cuda": ("reference",)})
 _masked_mm = Op("masked_mm", fake=_masked_mm_fake, reference=reference.masked_mm,
                 triton=_masked_mm_triton if _HAS_TRITON_KERNELS else None, preference=_BITMASK_PREFERENCE)
 _masked_sddmm = Op("masked_sddmm", fake=_masked_sddmm_fake, reference=reference.masked_sddmm,
@@ -187,6 +196,16 @@ def conv2d_panels(x, values, row_ptr, cols, panel: int, n: int, kernel_size, str
                           list(dilation), bias, backend=backend)
 
 
+def conv2d_sddmm_panels(grad_out, x, row_ptr, cols, panel: int, kernel_size, stride, padding, dilation, *,
+                        backend: str | None = None):
+    """The weight gradient of conv2d_panels at the plan's nonzeros, packed in plan order: for each
+    nonzero (n, k) of the [n, C * kh * kw] plan, the sum over images and output pixels of
+    grad_out [B, n, OH, OW] times the unfolded x [B, C, H, W] (an implicit GEMM over im2col tiles
+    built in cache on CPU; on CUDA the reference runs)."""
+    return _conv2d_sddmm_panels(grad_out, x, row_ptr, cols, panel, list(kernel_size), list(stride), list(padding),
+                                list(dilation), backend=backend)
+
+
 def sddmm_panels(grad_out, x, row_ptr, cols, panel: int, *, backend: str | None = None):
     """grad_out.T @ x at the plan's nonzeros, packed in plan order (summed over leading dims)."""
     return _sddmm_panels(grad_out, x, row_ptr, cols, panel, backend=backend)
@@ -209,4 +228,4 @@ def masked_sddmm(grad_out, x, mask_words, tile_ptr, tile_cols, tile: int, *, bac
 
 
 OPS = (_plan_panels, _plan_blocks, _pack_panels, _pack_blocks, _unpack_panels, _unpack_blocks, _spmm_panels,
-       _spmm_blocks, _conv2d_panels, _sddmm_panels, _sddmm_blocks, _masked_mm, _masked_sddmm)
+       _spmm_blocks, _conv2d_panels, _conv2d_sddmm_panels, _sddmm_panels, _sddmm_blocks, _masked_mm, _masked_sddmm)

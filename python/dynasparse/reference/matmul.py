@@ -149,6 +149,17 @@ def _weight_grad(grad_out, x):
     return as_rows(grad_out).T @ as_rows(x)
 
 
+def conv2d_sddmm_panels(grad_out, x, row_ptr, cols, panel: int, kernel_size, stride, padding, dilation):
+    checks.check_conv2d_sddmm_panels(grad_out, x, row_ptr, cols, panel, kernel_size, stride, padding, dilation)
+    n, k = grad_out.shape[1], x.shape[1] * kernel_size[0] * kernel_size[1]
+    checks.check_panel_plan_values("conv2d_sddmm_panels", row_ptr, cols, panel, n, k)
+    # im2col rows (one per image and output pixel) against grad_out's: the dense [n, k] weight
+    # gradient, then its entries at the plan's nonzeros.
+    patches = torch.nn.functional.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    weight_grad = _weight_grad(grad_out.flatten(2).transpose(1, 2), patches.transpose(1, 2))
+    return _pack_panels(weight_grad, row_ptr, cols, panel)
+
+
 def sddmm_panels(grad_out, x, row_ptr, cols, panel: int):
     checks.check_sddmm_panels(grad_out, x, row_ptr, cols, panel)
     checks.check_panel_plan_values("sddmm_panels", row_ptr, cols, panel, grad_out.shape[-1], x.shape[-1])
