@@ -58,6 +58,12 @@ TORCH_LIBRARY_FRAGMENT(dynasparse, m) {
   m.def("topk_mask_global(Tensor[] scores, SymInt k) -> (Tensor[] masks, Tensor threshold)");
   // N:M: the n largest scores in every group of m consecutive elements of the last dimension.
   m.def("nm_mask(Tensor scores, int n, int m) -> Tensor");
+  // RigL's drop and grow of one layer: among the active weights (mask) the active - k of
+  // largest |weight| stay, among the inactive ones the k of largest |grad| grow, ties to the
+  // lower flat index. Returns the new mask, the flat indices of the dropped and of the grown
+  // weights (int64, k each, ascending) and how many inactive weights are nonzero (0-d int64).
+  m.def("rigl_masks(Tensor weight, Tensor mask, Tensor grad, SymInt k) -> (Tensor new_mask, Tensor dropped, "
+        "Tensor grown, Tensor pruned_nonzeros)");
 }
 
 // Masked matmul over a weight w [N, K] and a bool mask m [N, K]: y = x @ (w * m).T (+ bias),

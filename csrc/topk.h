@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <utility>
 
 namespace dynasparse {
 
@@ -64,6 +65,27 @@ inline void check_topk_mask_global(at::TensorList scores, int64_t k) {
     total += scores[i].numel();
   }
   check_k_in_range("topk_mask_global", k, total);
+}
+
+inline void check_rigl_masks(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& grad, int64_t k) {
+  check_score_dtype("rigl_masks", "weight", weight);
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "dynasparse.rigl_masks: mask must be torch.bool, got ",
+                   mask.scalar_type());
+  TORCH_CHECK_TYPE(grad.scalar_type() == weight.scalar_type(), "dynasparse.rigl_masks: grad must have weight's dtype (",
+                   weight.scalar_type(), "), got ", grad.scalar_type());
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"mask", &mask}, {"grad", &grad}}) {
+    TORCH_CHECK_VALUE(tensor->sizes() == weight.sizes(), "dynasparse.rigl_masks: ", name, " must have weight's shape ",
+                      weight.sizes(), ", got ", tensor->sizes());
+    TORCH_CHECK_VALUE(tensor->device() == weight.device(), "dynasparse.rigl_masks: ", name,
+                      " must be on weight's device (", weight.device(), "), got ", tensor->device());
+  }
+  // How many weights are active is known only to the kernel, which checks k against it.
+  TORCH_CHECK_VALUE(k >= 0, "dynasparse.rigl_masks: k must be >= 0, got ", k);
+}
+
+inline void check_rigl_k(int64_t k, int64_t active, int64_t inactive) {
+  TORCH_CHECK_VALUE(k <= active && k <= inactive, "dynasparse.rigl_masks: k (", k,
+                    ") exceeds the number of active (", active, ") or inactive (", inactive, ") weights");
 }
 
 inline void check_nm_mask(const at::Tensor& scores, int64_t n, int64_t m) {

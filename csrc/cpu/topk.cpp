@@ -9,6 +9,8 @@
 // counts and a prefix sum over the chunks make parallel and deterministic.
 //
 // nm_mask: every group of m is small and independent: ranks within the group.
+//
+// rigl_masks: RigL's drop and grow in one pass (see the kernel's comment).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,11 +21,16 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "panels.h"
 #include "topk.h"
 
 namespace dynasparse {
@@ -431,6 +438,523 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> topk_mask_global_cpu(at::TensorL
   return {masks, threshold};
 }
 
+// rigl_masks: RigL's drop and grow of one layer in one pass (after a sample of 1/33 of it).
+// Among the active weights the `active - k` of largest |weight| stay; among the inactive ones
+// the k of largest |grad| grow; ties to the lower flat index, as in topk_mask. The sample
+// places a bracket of keys around each selection's threshold; the pass then decides every
+// element whose key lies outside its bracket and collects the ones inside with their
+// indices, and an exact selection among the collected finishes (their count is a small
+// fraction of the layer). Where the sample misjudged (a threshold outside its bracket) or
+// ties crowd a bracket beyond its budget, that selection is made again by the radix select
+// over the whole layer: the same result either way, only slower.
+
+// |x| as a signed integer of x's width that orders like |x| (the sign bit cleared, so it is
+// never negative; NaN above +inf). Signed, so that the vectorized pass compares with the
+// instructions every x86-64 has.
+template <typename scalar_t>
+struct Magnitude;
+
+template <>
+struct Magnitude<float> {
+  using Key = int32_t;
+  static constexpr Key kInfinity = 0x7F800000;
+  static Key of(float x) {
+    int32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    return bits & 0x7FFFFFFF;
+  }
+};
+
+template <>
+struct Magnitude<double> {
+  using Key = int64_t;
+  static constexpr Key kInfinity = 0x7FF0000000000000;
+  static Key of(double x) {
+    int64_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    return bits & 0x7FFFFFFFFFFFFFFF;
+  }
+};
+
+template <typename scalar_t, int16_t kInfinityBits>
+struct SixteenBitMagnitude {
+  using Key = int16_t;
+  static constexpr Key kInfinity = kInfinityBits;
+  static Key of(scalar_t x) { return static_cast<int16_t>(x.x & 0x7FFF); }
+};
+
+template <>
+struct Magnitude<c10::Half> : SixteenBitMagnitude<c10::Half, 0x7C00> {};
+template <>
+struct Magnitude<c10::BFloat16> : SixteenBitMagnitude<c10::BFloat16, 0x7F80> {};
+
+// Layers up to this size skip the sample: every candidate is collected.
+constexpr int64_t kSampleAll = int64_t{1} << 16;
+// The sample: runs of kSampleRun elements (two cache lines of fp32), one at the start of
+// every kSamplePeriod. The period is an odd multiple of the run, so that in a matrix whose
+// rows are a power of two long (most layers) the runs fall on every column as well as every
+// row: the gradient's magnitudes vary by row (output unit) and by column (input unit). The
+// runs are too far apart for the hardware prefetchers: the loop prefetches kSampleAhead runs
+// ahead.
+constexpr int64_t kSampleRun = 32;
+constexpr int64_t kSamplePeriod = 33 * kSampleRun;
+constexpr int64_t kSampleAhead = 8;
+// Collected elements of one selection beyond which it is made by the radix select instead.
+constexpr int64_t kMinBudget = kSampleAll;
+constexpr int64_t kBudgetDivisor = 16;
+// Blocks between two reports of a chunk's collected counts to the shared budget.
+constexpr int64_t kBudgetBlocks = 64;
+
+template <typename Key>
+struct Bracket {
+  // Keys above `selected_above` are selected outright, keys in (collected_above,
+  // selected_above] are collected, the others are not selected. The defaults collect all.
+  Key selected_above = std::numeric_limits<Key>::max();
+  Key collected_above = -1;
+};
+
+// The bracket around the threshold that selects `fraction` of the candidates, from a sample
+// of their keys: the sampled rank of the threshold +- 8 binomial standard deviations (and
+// some slack for the runs' correlation), so the sample misleads only very rarely. The ranks
+// are placed on a histogram of the keys' top 16 bits (1/128 of an octave for floats), each
+// widened to its whole bucket: cheaper than ordering the sample, and only a little wider.
+template <typename Key>
+Bracket<Key> bracket_from_sample(const std::vector<Key>& sample, double fraction) {
+  Bracket<Key> bracket;
+  const int64_t m = static_cast<int64_t>(sample.size());
+  if (m == 0) return bracket;
+  fraction = std::min(1.0, std::max(0.0, fraction));
+  const double rank = fraction * static_cast<double>(m);
+  const double spread = 8.0 * std::sqrt(rank * (1.0 - fraction)) + 32.0;
+  // Samples surely above the threshold, and the most that may be.
+  const int64_t certain = static_cast<int64_t>(std::floor(rank - spread));
+  const int64_t possible = static_cast<int64_t>(std::ceil(rank + spread));
+  constexpr int kMagnitudeBits = 8 * sizeof(Key) - 1;
+  constexpr int kShift = std::max(0, kMagnitudeBits - 16);
+  std::vector<int64_t> counts(int64_t{1} << (kMagnitudeBits - kShift), 0);
+  for (const Key key : sample) ++counts[key >> kShift];
+  int64_t above = 0;  // samples in the buckets above `bucket`
+  for (int64_t bucket = static_cast<int64_t>(counts.size()) - 1; bucket >= 0; --bucket) {
+    const int64_t through = above + counts[bucket];
+    if (certain >= 1 && above < certain && through >= certain) {
+      // Keys above this bucket are fewer than `certain`: selected outright.
+      bracket.selected_above = static_cast<Key>(((static_cast<uint64_t>(bucket) + 1) << kShift) - 1);
+    }
+    if (possible < m && above <= possible && through > possible) {
+      // Keys from this bucket up are more than `possible`: the bracket reaches down to it.
+      bracket.collected_above = static_cast<Key>((static_cast<uint64_t>(bucket) << kShift) - 1);
+      break;
+    }
+    above = through;
+  }
+  return bracket;
+}
+
+template <typename Key>
+struct Collected {
+  // Indices decided in the pass (dropped below the drop bracket, grown above the grow
+  // bracket) and the (key, index) pairs inside the bracket, both in ascending index order.
+  std::vector<int64_t> decided;
+  std::vector<std::pair<Key, int64_t>> bracket;
+  // The collected ones that join the decided: dropped (not selected) or grown (selected).
+  std::vector<int64_t> chosen;
+};
+
+// Elements per block of the pass: the per-block records fit in L1.
+constexpr int64_t kEventBlock = 256;
+
+template <typename Key>
+struct BlockEvents {
+  // Offsets in the block of the elements the pass records, by kind: dropped (below the
+  // drop bracket), grown (above the grow bracket), and collected in either bracket (with
+  // their keys).
+  std::array<int32_t, kEventBlock> dropped_at, grown_at, drop_collected_at, grow_collected_at;
+  std::array<Key, kEventBlock> drop_keys, grow_keys;
+  int64_t dropped = 0, grown = 0, drop_collected = 0, grow_collected = 0;
+  int64_t active = 0, kept = 0, stray = 0;
+  bool nan_weight = false, nan_grad = false;
+};
+
+#if DYNASPARSE_X86
+// classify_block for float32 with AVX-512: 16 elements a step, the records compressed into
+// their lists by mask (vpcompressd) instead of a scalar pass over the block.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2,popcnt"))) void classify_float_avx512(
+    const uint8_t* mask, const float* weight, const float* grad, uint8_t* out, int64_t length,
+    const Bracket<int32_t>& drop, const Bracket<int32_t>& grow, BlockEvents<int32_t>& events) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i infinity = _mm512_set1_epi32(Magnitude<float>::kInfinity);
+  const __m512i drop_selected = _mm512_set1_epi32(drop.selected_above);
+  const __m512i drop_collected = _mm512_set1_epi32(drop.collected_above);
+  const __m512i grow_selected = _mm512_set1_epi32(grow.selected_above);
+  const __m512i grow_collected = _mm512_set1_epi32(grow.collected_above);
+  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t dropped = 0, grown = 0, drop_count = 0, grow_count = 0, active = 0, kept = 0, stray = 0;
+  __mmask16 nan_weight = 0, nan_grad = 0;
+  for (int64_t j = 0; j < length; j += 16) {
+    const __mmask16 lanes = length - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (length - j)) - 1);
+    const __m128i bytes = _mm_maskz_loadu_epi8(lanes, mask + j);
+    const __mmask16 a = _mm_test_epi8_mask(bytes, bytes);
+    const __mmask16 inactive = lanes & ~a;
+    const __m512i w = _mm512_and_si512(_mm512_maskz_loadu_epi32(lanes, weight + j), magnitude);
+    const __m512i g = _mm512_and_si512(_mm512_maskz_loadu_epi32(lanes, grad + j), magnitude);
+    const __m512i key = _mm512_mask_blend_epi32(a, g, w);
+    const __mmask16 selected =
+        lanes & _mm512_cmpgt_epi32_mask(key, _mm512_mask_blend_epi32(a, grow_selected, drop_selected));
+    const __mmask16 inside =
+        lanes & _mm512_cmpgt_epi32_mask(key, _mm512_mask_blend_epi32(a, grow_collected, drop_collected));
+    _mm_mask_storeu_epi8(out + j, lanes, _mm_maskz_set1_epi8(selected, 1));
+    const __mmask16 drop_below = a & ~inside;
+    const __mmask16 drop_inside = a & inside & ~selected;
+    const __mmask16 grow_above = inactive & selected;
+    const __mmask16 grow_inside = inactive & inside & ~selected;
+    if (drop_below | drop_inside | grow_above | grow_inside) {
+      _mm512_mask_compressstoreu_epi32(events.dropped_at.data() + dropped, drop_below, index);
+      _mm512_mask_compressstoreu_epi32(events.grown_at.data() + grown, grow_above, index);
+      _mm512_mask_compressstoreu_epi32(events.drop_collected_at.data() + drop_count, drop_inside, index);
+      _mm512_mask_compressstoreu_epi32(events.drop_keys.data() + drop_count, drop_inside, key);
+      _mm512_mask_compressstoreu_epi32(events.grow_collected_at.data() + grow_count, grow_inside, index);
+      _mm512_mask_compressstoreu_epi32(events.grow_keys.data() + grow_count, grow_inside, key);
+      dropped += _mm_popcnt_u32(drop_below);
+      grown += _mm_popcnt_u32(grow_above);
+      drop_count += _mm_popcnt_u32(drop_inside);
+      grow_count += _mm_popcnt_u32(grow_inside);
+    }
+    index = _mm512_add_epi32(index, step);
+    active += _mm_popcnt_u32(a);
+    kept += _mm_popcnt_u32(a & selected);
+    stray += _mm_popcnt_u32(inactive & _mm512_test_epi32_mask(w, w));
+    nan_weight |= a & _mm512_cmpgt_epi32_mask(w, infinity);
+    nan_grad |= inactive & _mm512_cmpgt_epi32_mask(g, infinity);
+  }
+  events.dropped = dropped;
+  events.grown = grown;
+  events.drop_collected = drop_count;
+  events.grow_collected = grow_count;
+  events.active = active;
+  events.kept = kept;
+  events.stray = stray;
+  events.nan_weight = nan_weight != 0;
+  events.nan_grad = nan_grad != 0;
+}
+#endif
+
+template <typename scalar_t>
+class RiglSelect {
+  using M = Magnitude<scalar_t>;
+  using Key = typename M::Key;
+  using Entry = std::pair<Key, int64_t>;
+
+ public:
+  RiglSelect(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& grad, at::Tensor& out)
+      : weight_(weight.const_data_ptr<scalar_t>()),
+        // bool is one byte: read and written as bytes, so that the pass vectorizes.
+        mask_(reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>())),
+        grad_(grad.const_data_ptr<scalar_t>()),
+        out_(reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>())),
+        numel_(weight.numel()),
+        weight_tensor_(weight),
+        mask_tensor_(mask),
+        grad_tensor_(grad),
+        out_tensor_(out),
+        chunks_(split_into_chunks({weight.numel()})),
+        drop_(chunks_.size()),
+        grow_(chunks_.size()),
+        counts_(chunks_.size()),
+        budget_(std::max(kMinBudget, numel_ / kBudgetDivisor)) {}
+
+  // Writes the new mask; returns the dropped and the grown indices and the number of
+  // inactive weights that are not zero.
+  std::tuple<at::Tensor, at::Tensor, int64_t> run(int64_t k) {
+    place_brackets(k);
+    for_each_chunk([&](const Chunk& chunk) { pass(chunk); });
+    int64_t active = 0, kept_outright = 0, stray = 0, dropped_decided = 0, grown_decided = 0, grow_collected = 0;
+    bool nan_weight = false, nan_grad = false;
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      active += counts_[c].active;
+      kept_outright += counts_[c].kept_outright;
+      stray += counts_[c].stray;
+      nan_weight |= counts_[c].nan_weight;
+      nan_grad |= counts_[c].nan_grad;
+      dropped_decided += static_cast<int64_t>(drop_[c].decided.size());
+      grown_decided += static_cast<int64_t>(grow_[c].decided.size());
+      grow_collected += static_cast<int64_t>(grow_[c].bracket.size());
+    }
+    TORCH_CHECK_VALUE(!nan_weight, "dynasparse.rigl_masks: weight contains NaN among the active weights (NaN has "
+                      "no rank)");
+    TORCH_CHECK_VALUE(!nan_grad, "dynasparse.rigl_masks: grad contains NaN among the inactive weights (NaN has no "
+                      "rank)");
+    check_rigl_k(k, active, numel_ - active);
+    const int64_t keep = active - k;
+    // A selection over budget stopped collecting, so its counts are incomplete: made again.
+    const bool drop_fits = !drop_over_budget_ && kept_outright <= keep && dropped_decided <= k;
+    const bool grow_fits = !grow_over_budget_ && grown_decided <= k && k <= grown_decided + grow_collected;
+    at::Tensor dropped = drop_fits ? finish(drop_, keep - kept_outright, /*chosen_selected=*/false, k)
+                                   : redo(weight_tensor_, mask_tensor_, keep, /*grow=*/false);
+    at::Tensor grown = grow_fits ? finish(grow_, k - grown_decided, /*chosen_selected=*/true, k)
+                                 : redo(grad_tensor_, at::logical_not(mask_tensor_), k, /*grow=*/true);
+    return {dropped, grown, stray};
+  }
+
+ private:
+  struct Counts {
+    int64_t active = 0;
+    int64_t kept_outright = 0;
+    int64_t stray = 0;  // inactive weights that are not zero
+    bool nan_weight = false;
+    bool nan_grad = false;
+  };
+
+  void place_brackets(int64_t k) {
+    if (numel_ <= kSampleAll) return;  // the default brackets collect everything
+    const int64_t most = (numel_ + kSamplePeriod - 1) / kSamplePeriod * kSampleRun;
+    std::vector<Key> active_keys(most), inactive_keys(most);
+    int64_t sampled = 0, active_sampled = 0;
+    for (int64_t start = 0; start < numel_; start += kSamplePeriod) {
+      const int64_t end = std::min(numel_, start + kSampleRun);
+      const int64_t ahead = start + kSampleAhead * kSamplePeriod;
+      if (ahead + kSampleRun <= numel_) {
+        for (int64_t line = 0; line < kSampleRun * static_cast<int64_t>(sizeof(scalar_t)); line += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(weight_ + ahead) + line);
+          __builtin_prefetch(reinterpret_cast<const char*>(grad_ + ahead) + line);
+        }
+        __builtin_prefetch(mask_ + ahead);
+      }
+      for (int64_t i = start; i < end; ++i) {
+        // Both written, one kept: no branch on the mask.
+        const int64_t a = mask_[i] != 0;
+        active_keys[active_sampled] = M::of(weight_[i]);
+        inactive_keys[sampled - active_sampled] = M::of(grad_[i]);
+        active_sampled += a;
+        ++sampled;
+      }
+    }
+    active_keys.resize(active_sampled);
+    inactive_keys.resize(sampled - active_sampled);
+    const double active = static_cast<double>(active_sampled) / static_cast<double>(sampled) * numel_;
+    const double inactive = static_cast<double>(numel_) - active;
+    drop_bracket_ = bracket_from_sample(active_keys, active > 0 ? (active - k) / active : 1.0);
+    grow_bracket_ = bracket_from_sample(inactive_keys, inactive > 0 ? k / inactive : 0.0);
+  }
+
+  void pass(const Chunk& chunk) {
+    const int64_t c = index_of(chunk);
+    Collected<Key>& drop = drop_[c];
+    Collected<Key>& grow = grow_[c];
+    Counts counts;
+    BlockEvents<Key> events;
+    size_t drop_reported = 0, grow_reported = 0;
+    int64_t blocks = 0;
+    for (int64_t start = chunk.begin; start < chunk.end; start += kEventBlock) {
+      const int64_t length = std::min(kEventBlock, chunk.end - start);
+      classify(start, length, events);
+      counts.active += events.active;
+      counts.kept_outright += events.kept;
+      counts.stray += events.stray;
+      counts.nan_weight |= events.nan_weight;
+      counts.nan_grad |= events.nan_grad;
+      if (!drop_over_budget_.load(std::memory_order_relaxed)) {
+        for (int64_t e = 0; e < events.dropped; ++e) drop.decided.push_back(start + events.dropped_at[e]);
+        for (int64_t e = 0; e < events.drop_collected; ++e) {
+          drop.bracket.push_back({events.drop_keys[e], start + events.drop_collected_at[e]});
+        }
+      }
+      if (!grow_over_budget_.load(std::memory_order_relaxed)) {
+        for (int64_t e = 0; e < events.grown; ++e) grow.decided.push_back(start + events.grown_at[e]);
+        for (int64_t e = 0; e < events.grow_collected; ++e) {
+          grow.bracket.push_back({events.grow_keys[e], start + events.grow_collected_at[e]});
+        }
+      }
+      if (++blocks % kBudgetBlocks == 0 || start + kEventBlock >= chunk.end) {
+        report(drop, drop_reported, drop_collected_, drop_over_budget_);
+        report(grow, grow_reported, grow_collected_, grow_over_budget_);
+      }
+    }
+    counts_[c] = counts;
+  }
+
+  void classify(int64_t start, int64_t length, BlockEvents<Key>& events) const {
+#if DYNASPARSE_X86
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (has_avx512()) {
+        classify_float_avx512(mask_ + start, weight_ + start, grad_ + start, out_ + start, length, drop_bracket_,
+                              grow_bracket_, events);
+        return;
+      }
+    }
+#endif
+    classify_block(mask_ + start, weight_ + start, grad_ + start, out_ + start, length, events);
+  }
+
+  // One block of the pass: the new mask's provisional values (selected outright) and what
+  // the pass records. Branch-free over the block, so that it vectorizes (a block's counts fit
+  // in Key); `all` is all ones for an active element.
+  void classify_block(const uint8_t* mask, const scalar_t* weight, const scalar_t* grad, uint8_t* out, int64_t length,
+                      BlockEvents<Key>& events) const {
+    const Key drop_selected = drop_bracket_.selected_above, drop_collected = drop_bracket_.collected_above;
+    const Key grow_selected = grow_bracket_.selected_above, grow_collected = grow_bracket_.collected_above;
+    std::array<uint8_t, kEventBlock> recorded;
+    Key any = 0, active = 0, kept = 0, stray = 0, nan_weight = 0, nan_grad = 0;
+    for (int64_t j = 0; j < length; ++j) {
+      const Key a = mask[j] != 0;
+      const Key all = static_cast<Key>(-a);
+      const Key w = M::of(weight[j]);
+      const Key g = M::of(grad[j]);
+      const Key key = static_cast<Key>((w & all) | (g & ~all));
+      const Key selected = key > static_cast<Key>((drop_selected & all) | (grow_selected & ~all));
+      const Key inside = key > static_cast<Key>((drop_collected & all) | (grow_collected & ~all));
+      out[j] = static_cast<uint8_t>(selected);
+      // Active: dropped or collected unless kept outright; inactive: grown or collected.
+      const Key record = static_cast<Key>((a & (selected ^ 1)) | ((a ^ 1) & inside));
+      recorded[j] = static_cast<uint8_t>(record);
+      any |= record;
+      active += a;
+      kept += a & selected;
+      stray += (a ^ 1) & (w != 0);
+      nan_weight |= a & (w > M::kInfinity);
+      nan_grad |= (a ^ 1) & (g > M::kInfinity);
+    }
+    events.active = active;
+    events.kept = kept;
+    events.stray = stray;
+    events.nan_weight = nan_weight != 0;
+    events.nan_grad = nan_grad != 0;
+    events.dropped = events.grown = events.drop_collected = events.grow_collected = 0;
+    if (!any) return;
+    for (int32_t j = 0; j < length; ++j) {
+      if (!recorded[j]) continue;
+      if (mask[j]) {
+        const Key key = M::of(weight[j]);
+        if (key > drop_collected) {
+          events.drop_keys[events.drop_collected] = key;
+          events.drop_collected_at[events.drop_collected++] = j;
+        } else {
+          events.dropped_at[events.dropped++] = j;
+        }
+      } else {
+        const Key key = M::of(grad[j]);
+        if (key > grow_selected) {
+          events.grown_at[events.grown++] = j;
+        } else {
+          events.grow_keys[events.grow_collected] = key;
+          events.grow_collected_at[events.grow_collected++] = j;
+        }
+      }
+    }
+  }
+
+  void report(const Collected<Key>& collected, size_t& reported, std::atomic<int64_t>& total,
+              std::atomic<bool>& over_budget) const {
+    const size_t now = collected.decided.size() + collected.bracket.size();
+    const int64_t added = static_cast<int64_t>(now - reported);
+    if (total.fetch_add(added, std::memory_order_relaxed) + added > budget_) {
+      over_budget.store(true, std::memory_order_relaxed);
+    }
+    reported = now;
+  }
+
+  // Selects `wanted` of the collected bracket entries (largest keys, then lower indices),
+  // marks them in the mask and returns the selection's indices, ascending: the dropped ones
+  // (decided, and collected but not selected) or the grown ones (decided, and selected).
+  at::Tensor finish(std::vector<Collected<Key>>& collected, int64_t wanted, bool chosen_selected, int64_t k) {
+    std::vector<Entry> all;
+    for (const auto& chunk : collected) all.insert(all.end(), chunk.bracket.begin(), chunk.bracket.end());
+    auto before = [](const Entry& a, const Entry& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    // The last selected entry (unused when wanted == 0: nothing is selected).
+    Entry last{0, -1};
+    if (wanted > 0) {
+      std::nth_element(all.begin(), all.begin() + (wanted - 1), all.end(), before);
+      last = all[wanted - 1];
+    }
+    for_each_chunk([&](const Chunk& chunk) {
+      Collected<Key>& mine = collected[index_of(chunk)];
+      for (const Entry& entry : mine.bracket) {
+        const bool selected = wanted > 0 && !before(last, entry);
+        if (selected) out_[entry.second] = 1;
+        if (selected == chosen_selected) mine.chosen.push_back(entry.second);
+      }
+    });
+    std::vector<int64_t> offsets(collected.size() + 1, 0);
+    for (size_t c = 0; c < collected.size(); ++c) {
+      offsets[c + 1] = offsets[c] + static_cast<int64_t>(collected[c].decided.size() + collected[c].chosen.size());
+    }
+    TORCH_INTERNAL_ASSERT(offsets.back() == k, "dynasparse.rigl_masks: selected ", offsets.back(), " of ", k);
+    at::Tensor indices = at::empty({k}, weight_tensor_.options().dtype(at::kLong));
+    int64_t* target = indices.mutable_data_ptr<int64_t>();
+    for_each_chunk([&](const Chunk& chunk) {
+      const int64_t c = index_of(chunk);
+      const Collected<Key>& mine = collected[c];
+      std::merge(mine.decided.begin(), mine.decided.end(), mine.chosen.begin(), mine.chosen.end(), target + offsets[c]);
+    });
+    return indices;
+  }
+
+  // The radix select over the whole layer for a selection its bracket missed: `wanted` of
+  // the largest |scores| among `candidates`, written into the mask at the candidates'
+  // positions; returns the dropped (drop) or the grown (grow) indices, ascending.
+  at::Tensor redo(const at::Tensor& scores, const at::Tensor& candidates, int64_t wanted, bool grow) {
+    const at::Tensor magnitudes = scores.abs();
+    at::Tensor selected = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
+    RadixSelect<scalar_t>("rigl_masks", false,
+                          {Source<scalar_t>{magnitudes.const_data_ptr<scalar_t>(), candidates.const_data_ptr<bool>(),
+                                            selected.mutable_data_ptr<bool>(), numel_}})
+        .run(wanted);
+    out_tensor_.copy_(at::where(candidates, selected, out_tensor_));
+    const at::Tensor chosen = grow ? selected : at::logical_and(candidates, at::logical_not(selected));
+    return at::nonzero(chosen.reshape(-1)).reshape(-1);
+  }
+
+  template <typename F>
+  void for_each_chunk(const F& process) const {
+    std::atomic<int64_t> next{0};
+    const int64_t chunks = static_cast<int64_t>(chunks_.size());
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+      for (int64_t c = next++; c < chunks; c = next++) process(chunks_[c]);
+    });
+  }
+
+  int64_t index_of(const Chunk& chunk) const { return &chunk - chunks_.data(); }
+
+  const scalar_t* weight_;
+  const uint8_t* mask_;
+  const scalar_t* grad_;
+  uint8_t* out_;
+  int64_t numel_;
+  const at::Tensor& weight_tensor_;
+  const at::Tensor& mask_tensor_;
+  const at::Tensor& grad_tensor_;
+  at::Tensor& out_tensor_;
+  std::vector<Chunk> chunks_;
+  std::vector<Collected<Key>> drop_;
+  std::vector<Collected<Key>> grow_;
+  std::vector<Counts> counts_;
+  Bracket<Key> drop_bracket_;
+  Bracket<Key> grow_bracket_;
+  const int64_t budget_;
+  std::atomic<int64_t> drop_collected_{0};
+  std::atomic<int64_t> grow_collected_{0};
+  std::atomic<bool> drop_over_budget_{false};
+  std::atomic<bool> grow_over_budget_{false};
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rigl_masks_cpu(const at::Tensor& weight_in,
+                                                                          const at::Tensor& mask_in,
+                                                                          const at::Tensor& grad_in, int64_t k) {
+  check_rigl_masks(weight_in, mask_in, grad_in, k);
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor mask = mask_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(at::kBool));
+  at::Tensor dropped, grown;
+  int64_t stray = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "rigl_masks_cpu", [&] {
+    std::tie(dropped, grown, stray) = RiglSelect<scalar_t>(weight, mask, grad, out).run(k);
+  });
+  return {out, dropped, grown, at::scalar_tensor(stray, weight.options().dtype(at::kLong))};
+}
+
 // Groups of up to this size rank by pairwise comparison (m^2 work, no buffers); larger
 // ones select with nth_element on a per-thread index buffer.
 constexpr int64_t kPairwiseGroup = 32;
@@ -488,6 +1012,7 @@ TORCH_LIBRARY_IMPL(dynasparse, CPU, m) {
   m.impl("topk_mask", &topk_mask_cpu);
   m.impl("topk_mask_global", &topk_mask_global_cpu);
   m.impl("nm_mask", &nm_mask_cpu);
+  m.impl("rigl_masks", &rigl_masks_cpu);
 }
 
 }  // namespace dynasparse

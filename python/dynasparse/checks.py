@@ -241,6 +241,24 @@ def check_nm_mask(scores: torch.Tensor, n: int, m: int) -> None:
         raise ValueError(f"dynasparse.nm_mask: the last dimension ({scores.shape[-1]}) must be a multiple of m ({m})")
 
 
+def check_rigl_masks(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: int) -> None:
+    check_score_dtype("rigl_masks", "weight", weight)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"dynasparse.rigl_masks: mask must be torch.bool, got {_dtype_name(mask.dtype)}")
+    if grad.dtype != weight.dtype:
+        raise TypeError(f"dynasparse.rigl_masks: grad must have weight's dtype ({_dtype_name(weight.dtype)}), got "
+                        f"{_dtype_name(grad.dtype)}")
+    for name, tensor in (("mask", mask), ("grad", grad)):
+        if tensor.shape != weight.shape:
+            raise ValueError(f"dynasparse.rigl_masks: {name} must have weight's shape {list(weight.shape)}, got "
+                             f"{list(tensor.shape)}")
+        if tensor.device != weight.device:
+            raise ValueError(f"dynasparse.rigl_masks: {name} must be on weight's device ({weight.device}), got "
+                             f"{tensor.device}")
+    if k < 0:
+        raise ValueError(f"dynasparse.rigl_masks: k must be >= 0, got {k}")
+
+
 # Masked matmul (csrc/matmul.h): plans, packed values and products.
 
 MAX_PANEL = 65536

@@ -23,6 +23,7 @@ def backends_of(op):
 TOPK_BACKENDS = backends_of("topk_mask")
 GLOBAL_BACKENDS = backends_of("topk_mask_global")
 NM_BACKENDS = backends_of("nm_mask")
+RIGL_BACKENDS = backends_of("rigl_masks")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 KINDS = ["normal", "small-integers", "all-equal", "signed-zeros", "few-values"]
 
@@ -365,7 +366,7 @@ def test_mixed_devices_are_rejected():
 # RigL ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
+@pytest.mark.parametrize("backend,device", RIGL_BACKENDS)
 def test_rigl_update_invariants(backend, device):
     @settings(max_examples=examples(backend, device, 60), deadline=None)
     @given(shape=st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple),
@@ -396,6 +397,185 @@ def test_rigl_update_invariants(backend, device):
             assert (tensor[grown] == 0).all() and torch.equal(tensor[~grown], before[~grown])
 
     check()
+
+
+def oracle_rigl(weight, mask, grad, k):
+    """RigL's selection by the numpy oracle: the active - k largest |weight| among the active
+    stay, the k largest |grad| among the inactive grow; with the dropped and grown flat indices
+    and the number of nonzero inactive weights."""
+    active = int(mask.sum())
+    kept, _ = oracle_topk(weight.abs(), active - k, mask)
+    grown, _ = oracle_topk(grad.abs(), k, ~mask)
+    flat_mask = mask.cpu().reshape(-1).numpy()
+    dropped = np.flatnonzero(flat_mask & ~kept.reshape(-1).numpy())
+    pruned_nonzeros = int(np.count_nonzero(as_float64_numpy(weight)[~flat_mask]))
+    return kept | grown, dropped, np.flatnonzero(grown.reshape(-1).numpy()), pruned_nonzeros
+
+
+def check_rigl_masks(weight, mask, grad, k, backend):
+    new_mask, dropped, grown, pruned_nonzeros = topk_ops.rigl_masks(weight, mask, grad, k, backend=backend)
+    expected_mask, expected_dropped, expected_grown, expected_nonzeros = oracle_rigl(weight, mask, grad, k)
+    assert new_mask.dtype == torch.bool and new_mask.shape == mask.shape and new_mask.device == mask.device
+    assert dropped.dtype == grown.dtype == torch.int64 and dropped.shape == grown.shape == (k,)
+    assert pruned_nonzeros.dtype == torch.int64 and pruned_nonzeros.dim() == 0
+    assert torch.equal(new_mask.cpu(), expected_mask)
+    assert np.array_equal(dropped.cpu().numpy(), expected_dropped)
+    assert np.array_equal(grown.cpu().numpy(), expected_grown)
+    assert int(pruned_nonzeros) == expected_nonzeros
+
+
+@pytest.mark.parametrize("backend,device", RIGL_BACKENDS)
+def test_rigl_masks_matches_oracle(backend, device):
+    @settings(max_examples=examples(backend, device, 100), deadline=None)
+    @given(shape=shapes, dtype=st.sampled_from(DTYPES), kind=st.sampled_from(KINDS),
+           density=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), masked_weights=st.booleans(),
+           seed=st.integers(0, 2**31 - 1), data=st.data())
+    def check(shape, dtype, kind, density, masked_weights, seed, data):
+        generator = torch.Generator().manual_seed(seed)
+        mask = (torch.rand(shape, generator=generator) < density).to(device)
+        weight = random_scores(shape, dtype, kind, generator).to(device)
+        if masked_weights:  # as masked training keeps them; else pruned_nonzeros counts them
+            weight = torch.where(mask, weight, 0)
+        grad = random_scores(shape, dtype, kind, generator).to(device)
+        active = int(mask.sum())
+        k = data.draw(st.integers(0, min(active, mask.numel() - active)), label="k")
+        poison_allocator(mask.numel(), device)
+        check_rigl_masks(weight, mask, grad, k, backend)
+
+    check()
+
+
+def structured_scores(shape, generator):
+    """Magnitudes that vary by row and by column over orders of magnitude, as a dense weight
+    gradient (outer products of output and input gradients) does."""
+    rows = torch.exp(3 * torch.randn(shape[0], 1, generator=generator))
+    columns = torch.exp(3 * torch.randn(1, shape[1], generator=generator))
+    return rows * columns * torch.randn(shape, generator=generator)
+
+
+def sample_defeating_scores(shape, generator):
+    """Small values exactly where the CPU kernel samples (runs of 32 at the start of every 1056
+    elements), large ones elsewhere: every bracket the sample places misses, so both selections
+    are made again by the radix select (the result must not change)."""
+    flat = torch.rand(shape, generator=generator).reshape(-1) + 10
+    sampled = torch.arange(flat.numel()) % 1056 < 32
+    flat[sampled] -= 10
+    return flat.reshape(shape)
+
+
+# The compiled backends: the reference sorts (the small oracle test covers it).
+@pytest.mark.parametrize("backend,device", backend_device_params("rigl_masks"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["normal", "structured", "zero-weights", "small-integers", "all-equal",
+                                  "defeats-the-sample"])
+def test_rigl_masks_large_layers(backend, device, dtype, kind):
+    """Layers large enough for the CPU kernel's sampled brackets, with distributions that keep
+    them narrow (normal, row and column scales, a third of the active weights grown at zero) and
+    ones that force the radix select (ties filling a bracket, a misleading sample). float32 runs
+    the vectorized pass of the CPU (AVX-512 where there is one), the others its portable loop."""
+    if interpreted(backend, device) and dtype != torch.float32:
+        pytest.skip("the interpreted Triton kernels are slow: float32 only")
+    shape = (97, 131) if interpreted(backend, device) else (613, 347)
+    generator = torch.Generator().manual_seed(11)
+    mask = torch.rand(shape, generator=generator) < 0.1
+    if kind in ("normal", "zero-weights"):
+        weight, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    elif kind == "structured":
+        weight, grad = structured_scores(shape, generator), structured_scores(shape, generator)
+    elif kind == "defeats-the-sample":
+        weight, grad = sample_defeating_scores(shape, generator), sample_defeating_scores(shape, generator)
+    else:
+        weight, grad = (random_scores(shape, torch.float32, kind, generator) for _ in range(2))
+    weight = torch.where(mask, weight, 0)
+    if kind == "zero-weights":
+        weight[mask & (torch.rand(shape, generator=generator) < 0.3)] = 0
+    weight, grad = weight.to(dtype), grad.to(dtype)
+    active = int(mask.sum())
+    for k in (0, 1, round(0.3 * active), active):
+        check_rigl_masks(weight.to(device), mask.to(device), grad.to(device), k, backend)
+
+
+def test_rigl_masks_same_result_at_every_thread_count():
+    generator = torch.Generator().manual_seed(12)
+    shape = (1024, 999)
+    mask = torch.rand(shape, generator=generator) < 0.2
+    weight = torch.where(mask, structured_scores(shape, generator), 0)
+    grad = random_scores(shape, torch.float32, "small-integers", generator)
+    k = round(0.3 * int(mask.sum()))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(topk_ops.rigl_masks(weight, mask, grad, k))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("backend,device", RIGL_BACKENDS)
+def test_rigl_masks_non_contiguous(backend, device):
+    generator = torch.Generator().manual_seed(13)
+    base_mask = torch.rand(37, 41, generator=generator) < 0.4
+    base_weight = random_scores((37, 41), torch.float32, "small-integers", generator)
+    base_grad = random_scores((37, 41), torch.float32, "normal", generator)
+    for view in (lambda t: t.t(), lambda t: t[::2, 3::3]):
+        mask, weight, grad = view(base_mask).to(device), view(base_weight).to(device), view(base_grad).to(device)
+        assert not mask.is_contiguous()
+        check_rigl_masks(weight, mask, grad, min(int(mask.sum()), int((~mask).sum())) // 2, backend)
+
+
+def bad_rigl_inputs(device):
+    weight, grad = torch.randn(4, 4, device=device), torch.randn(4, 4, device=device)
+    mask = torch.zeros(4, 4, dtype=torch.bool, device=device)
+    mask[0] = True
+    nan_weight = weight.clone()
+    nan_weight[0, 1] = torch.nan
+    nan_grad = grad.clone()
+    nan_grad[2, 3] = torch.nan
+    rigl = topk_ops.rigl_masks
+    return [
+        (lambda b: rigl(weight.long(), mask, grad.long(), 1, backend=b), TypeError,
+         "weight must be float32, float16, bfloat16 or float64, got Long"),
+        (lambda b: rigl(weight, mask.float(), grad, 1, backend=b), TypeError, "mask must be torch.bool, got Float"),
+        (lambda b: rigl(weight, mask, grad.double(), 1, backend=b), TypeError,
+         r"grad must have weight's dtype \(Float\), got Double"),
+        (lambda b: rigl(weight, mask[:2], grad, 1, backend=b), ValueError,
+         r"mask must have weight's shape \[4, 4\], got \[2, 4\]"),
+        (lambda b: rigl(weight, mask, grad.t()[:3], 1, backend=b), ValueError, "grad must have weight's shape"),
+        (lambda b: rigl(weight, mask, grad, -1, backend=b), ValueError, "k must be >= 0, got -1"),
+        (lambda b: rigl(weight, mask, grad, 5, backend=b), ValueError,
+         r"k \(5\) exceeds the number of active \(4\) or inactive \(12\) weights"),
+        (lambda b: rigl(weight, ~mask, grad, 5, backend=b), ValueError,
+         r"k \(5\) exceeds the number of active \(12\) or inactive \(4\) weights"),
+        (lambda b: rigl(nan_weight, mask, grad, 1, backend=b), ValueError,
+         "weight contains NaN among the active weights"),
+        (lambda b: rigl(weight, mask, nan_grad, 1, backend=b), ValueError,
+         "grad contains NaN among the inactive weights"),
+        (lambda b: rigl(weight, mask, grad, 2**64, backend=b), ValueError, "k must be in"),
+        (lambda b: rigl(weight, mask, grad, 1.0, backend=b), TypeError, "rigl_masks: k must be an int, got float"),
+        (lambda b: rigl(weight, [True] * 16, grad, 1, backend=b), TypeError, "mask must be a torch.Tensor, got list"),
+    ]
+
+
+@pytest.mark.parametrize("backend,device", RIGL_BACKENDS)
+@pytest.mark.parametrize("case", range(len(bad_rigl_inputs("cpu"))))
+def test_rigl_masks_rejects_bad_input_alike_on_every_backend(backend, device, case):
+    call, error, message = bad_rigl_inputs(device)[case]
+    with pytest.raises(error, match=message):
+        call(backend)
+
+
+def test_rigl_masks_nan_outside_its_candidates_is_fine():
+    """NaN ranks nowhere, so only NaN where it would be ranked is an error: a NaN weight that
+    is pruned counts as a nonzero pruned weight, a NaN gradient of an active weight is unused."""
+    weight, grad = torch.randn(4, 4), torch.randn(4, 4)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0] = True
+    weight[2, 2], grad[0, 0] = torch.nan, torch.nan
+    for backend in ("cpu", "reference"):
+        check_rigl_masks(weight, mask, grad, 2, backend)
 
 
 def test_rigl_update_rejects_bad_input():
@@ -467,6 +647,7 @@ def opcheck_args(device):
         (topk_ops._topk, (scores.half(), 0)),
         (topk_ops._global, ([scores, scores[:2].t().contiguous(), scores[:0]], 33)),
         (topk_ops._nm, (scores[:, :8], 2, 4)),
+        (topk_ops._rigl, (torch.where(candidates, scores, 0), candidates, scores.t().contiguous().reshape(7, 9), 9)),
     ]
 
 
@@ -502,3 +683,23 @@ def test_compiles_fullgraph(backend, device):
     assert threshold.item() == expected_threshold
     expected_local, expected_local_threshold = oracle_topk(scores[0], 10, expected_masks[0].to(device))
     assert torch.equal(local.cpu(), expected_local) and local_threshold.item() == expected_local_threshold
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params("rigl_masks"))
+def test_rigl_masks_compiles_fullgraph(backend, device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def drop_and_grow(weight, mask, grad):
+        new_mask, dropped, grown, _ = ops.rigl_masks(weight, mask, grad, 5, backend=backend)
+        return weight * new_mask, dropped, grown
+
+    generator = torch.Generator().manual_seed(10)
+    mask = torch.rand(9, 11, generator=generator) < 0.4
+    weight = torch.where(mask, torch.randn(9, 11, generator=generator), 0).to(device)
+    grad, mask = torch.randn(9, 11, generator=generator).to(device), mask.to(device)
+    pruned, dropped, grown = drop_and_grow(weight, mask, grad)
+    expected_mask, expected_dropped, expected_grown, _ = oracle_rigl(weight.cpu(), mask.cpu(), grad.cpu(), 5)
+    assert torch.equal(pruned.cpu(), weight.cpu() * expected_mask)
+    assert np.array_equal(dropped.cpu().numpy(), expected_dropped)
+    assert np.array_equal(grown.cpu().numpy(), expected_grown)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 # Importing these registers their cases; a new family appends its module here.
 CASE_MODULES = ("dynasparse.bench.cases", "dynasparse.bench.topk_cases", "dynasparse.bench.optim_cases",
                 "dynasparse.bench.matmul_cases", "dynasparse.bench.nn_cases", "dynasparse.bench.shrink_cases",
-                "dynasparse.bench.model_cases", "dynasparse.bench.vd_cases")
+                "dynasparse.bench.model_cases", "dynasparse.bench.vd_cases", "dynasparse.bench.pruning_cases")
 
 SCHEMA_VERSION = 1
 QUICK_TARGET_S = 0.2

@@ -8,8 +8,9 @@ exactly k kept, deterministic on every backend: among equal scores the lower fla
 
 The structured helpers (`block_scores`, `row_scores`, `expand_block_mask`,
 `expand_row_mask`) are plain PyTorch reductions and expansions: block or row masks are the
-selection ops run on the reduced scores. `rigl_update` is RigL's drop-and-grow step built
-on `topk_mask`.
+selection ops run on the reduced scores. `rigl_masks` is RigL's drop-and-grow selection of
+one layer in one pass (CPU kernel; Triton and the reference compose it from `topk_mask`),
+`rigl_update` the step built on it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def _nm_mask_fake(scores, n, m):
     return scores.new_empty(scores.shape, dtype=torch.bool)
 
 
+def _rigl_masks_fake(weight, mask, grad, k):
+    checks.check_rigl_masks(weight, mask, grad, k)
+    indices = weight.new_empty((k,), dtype=torch.int64)
+    return (weight.new_empty(weight.shape, dtype=torch.bool), indices, indices.new_empty((k,)),
+            weight.new_empty((), dtype=torch.int64))
+
+
 _HAS_TRITON_KERNELS = has_triton_kernels("topk")
 
 
@@ -59,6 +67,12 @@ def _nm_mask_triton(scores, n, m):
     from dynasparse.kernels import topk as kernels
 
     return kernels.nm_mask(scores, n, m)
+
+
+def _rigl_masks_triton(weight, mask, grad, k):
+    from dynasparse.kernels import topk as kernels
+
+    return reference.drop_and_grow(weight, mask, grad, k, kernels.topk_mask)
 
 
 # The ops' schemas carry counts as int64: a larger Python int would fail in the argument
@@ -90,6 +104,10 @@ _global = Op("topk_mask_global", fake=_topk_mask_global_fake, reference=referenc
              triton=_topk_mask_global_triton if _HAS_TRITON_KERNELS else None)
 _nm = Op("nm_mask", fake=_nm_mask_fake, reference=reference.nm_mask,
          triton=_nm_mask_triton if _HAS_TRITON_KERNELS else None)
+# The C++ kernel is CPU-only: CUDA tensors take the Triton composition (no fallback warning).
+_rigl = Op("rigl_masks", fake=_rigl_masks_fake, reference=reference.rigl_masks,
+           triton=_rigl_masks_triton if _HAS_TRITON_KERNELS else None,
+           preference={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")})
 
 
 def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None, *,
@@ -177,6 +195,26 @@ def expand_row_mask(row_mask: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
     return row_mask.reshape(-1, *([1] * (len(shape) - 1))).expand(*shape)
 
 
+def rigl_masks(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: int, *,
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RigL's drop and grow of one layer: among the active weights (`mask`, bool) the
+    `active - k` of largest |weight| stay, among the inactive ones the k of largest |grad|
+    grow (both ties to the lower flat index, as `topk_mask`), so no weight is dropped and
+    grown at once. `grad` has weight's dtype; k is in [0, min(active, inactive)]; NaN in weight
+    among the active or in grad among the inactive is a ValueError.
+
+    Returns `(new_mask, dropped, grown, pruned_nonzeros)`: the new mask (as many active), the
+    flat indices of the dropped and of the grown weights (int64, k each, ascending), and how
+    many inactive weights are nonzero (0-d int64; masked training keeps them at 0, so a caller
+    that zeroes only what changed can tell when that is not enough). The CPU kernel reads the
+    layer once, after a sample of 1/33 of it; nothing is modified.
+    """
+    for name, value in (("weight", weight), ("mask", mask), ("grad", grad)):
+        _tensor("rigl_masks", name, value)
+    k = _count("rigl_masks", "k", k, "in [0, min(active, inactive weights)]")
+    return _rigl(weight, mask, grad, k, backend=backend)
+
+
 def _check_rigl(weight, mask, grad, state):
     if mask.dtype != torch.bool:
         raise TypeError(f"dynasparse.rigl_update: mask must be torch.bool, got {checks._dtype_name(mask.dtype)}")
@@ -192,22 +230,15 @@ def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k:
     """One RigL drop-and-grow step on one tensor; returns the new mask (as many active).
 
     Drops the k active weights of smallest |weight| and grows the k weights inactive before
-    the drop with the largest |grad| (both by `topk_mask`, ties to the lower flat index), so
-    no weight is both dropped and grown. Grown weights and every tensor in `state`
-    (optimizer state shaped like the weight) are zeroed in place at the grown positions.
+    the drop with the largest |grad| (`rigl_masks`, ties to the lower flat index), so no
+    weight is both dropped and grown. Grown weights and every tensor in `state` (optimizer
+    state shaped like the weight) are zeroed in place at the grown positions.
     """
     _check_rigl(weight, mask, grad, state)
     k = _count("rigl_update", "k", k, "in [0, min(active, inactive weights)]")
-    active = int(mask.sum())
-    inactive = mask.numel() - active
-    if k < 0:
-        raise ValueError(f"dynasparse.rigl_update: k must be >= 0, got {k}")
-    if k > active or k > inactive:
-        raise ValueError(f"dynasparse.rigl_update: k ({k}) exceeds the number of active ({active}) or "
-                         f"inactive ({inactive}) weights")
-    kept, _ = topk_mask(weight.abs(), active - k, mask, backend=backend)
-    grown, _ = topk_mask(grad.abs(), k, ~mask, backend=backend)
-    weight.masked_fill_(grown, 0)
-    for tensor in state:
-        tensor.masked_fill_(grown, 0)
-    return kept | grown
+    new_mask, _, grown, _ = rigl_masks(weight, mask, grad, k, backend=backend)
+    if grown.numel():
+        positions = torch.unravel_index(grown, weight.shape)
+        for tensor in (weight, *state):
+            tensor.index_put_(positions, tensor.new_zeros(()))
+    return new_mask

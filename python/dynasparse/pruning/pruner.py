@@ -37,8 +37,17 @@ Two settings decide how a pruned layer trains, both changeable at every step:
 Other hooks: `due(step)` (when to update), `weight_grad_at(step)`, `after_step(step)` (after
 every counted step, e.g. to keep IMP's rewind point), `calibrate(batches)` (algorithms with
 `needs_data = True` gather saliencies there, then initialize), `report_notes()` (extra report
-lines), and `state_attributes` (names of subclass attributes saved in `state_dict()`:
-tensors, numbers, strings, None and lists / tuples / dicts of them).
+lines), `before_recollect(removed, added)` (see below), and `state_attributes` (names of
+subclass attributes saved in `state_dict()`: tensors, numbers, strings, None and lists /
+tuples / dicts of them).
+
+Drop-and-grow algorithms select with `drop_and_grow(name, k, growth)` (one pass over an
+unstructured layer); `apply_masks` then installs those masks touching only the changed
+weights. `active_weights(name)` counts a layer's active weights once per mask change.
+
+Replacing modules (neuron merging, `nn.shrink`'s narrower layers put back in place):
+`pruner.recollect(optimizer)` finds the layers again, keeps the state of those still there,
+drops that of the removed ones and starts the new ones fresh (see its docstring).
 
 A run stopped at any step and resumed from the model's, the optimizer's and the pruner's
 `state_dict()` follows the identical trajectory on the CPU (the pruner saves its step, its
@@ -59,16 +68,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .. import ops
-from ..layout import GRAD_MODES, WEIGHT_GRADS, weight_grad_of
+from ..layout import GRAD_MODES, WEIGHT_GRADS, weight_grad_of, write_generation
 from ..nn import sparsify
 from ..nn.convert import Selector, _matches, check_selector
 from ..nn.modules import SPARSE_MODULES, SparseTransposedLinear
+from ..ops.topk import rigl_masks
 from .distributions import Distribution, as_distribution
 from .schedules import Schedule, as_schedule, check_int, sparsity_at
 from .selection import LayerUnits
 
 GRANULARITIES = ("weight", "row")
-_FINAL = ("update", "apply_masks", "step", "initialize", "state_dict", "load_state_dict", "_synchronize")
+_FINAL = ("update", "apply_masks", "step", "initialize", "state_dict", "load_state_dict", "_synchronize", "recollect",
+          "drop_and_grow")
 _STATE_FORMAT = 2
 
 
@@ -152,6 +163,26 @@ class PruningReport:
         return "\n".join(lines)
 
 
+def _stamp(mask: torch.Tensor) -> tuple:
+    """What identifies a mask buffer's current contents: any write to it changes this."""
+    return id(mask), mask.data_ptr(), mask._version, write_generation(mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Change:
+    """A mask made by `drop_and_grow`: where it differs from the mask it was made from."""
+
+    mask: torch.Tensor
+    dropped: torch.Tensor  # flat indices, int64
+    grown: torch.Tensor
+    pruned_nonzeros: int  # inactive weights that were not zero
+    base: tuple  # _stamp of the mask it was made from
+
+
+def _holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
+
+
 def _copied(value, what: str):
     """A copy of subclass state for state_dict / load_state_dict: tensors cloned, containers
     copied; anything else is refused (it would not survive torch.save / weights_only loads)."""
@@ -231,30 +262,12 @@ class Pruner:
         sparsity_at(self.schedule, 0)  # a bad schedule fails before the model is changed
         self.distribution = as_distribution(distribution)
         self.update_every, self.update_until, self.granularity = update_every, update_until, granularity
+        self._include, self._exclude, self._wrapped = include, exclude, wrapped
         self.skipped: dict[str, str] = {}
-        if not wrapped:
-            # Sparse layers are taken as they are: sparsify would re-prune them.
-            def dense_only_excluded(name: str, module: nn.Module) -> bool:
-                return isinstance(module, SPARSE_MODULES) or _matches(exclude, name, module, False)
-
-            self.skipped = dict(sparsify(self.model, 0.0, include=include, exclude=dense_only_excluded,
-                                         grad_mode=self.update_rule).skipped)
-        self.layers: dict[str, nn.Module] = {
-            name: module for name, module in self.model.named_modules()
-            if isinstance(module, SPARSE_MODULES) and _matches(include, name, module, True)
-            and not _matches(exclude, name, module, False)}
-        if not self.layers:
-            raise ValueError("dynasparse.pruning: no prunable layer (nn.Linear / nn.Conv1d / nn.Conv2d matching "
-                             "include/exclude)"
-                             + (" in the DDP-wrapped model: sparsify the model before wrapping it" if wrapped else ""))
-        if granularity == "row" and any(isinstance(m, SparseTransposedLinear) for m in self.layers.values()):
-            raise ValueError("dynasparse.pruning: granularity='row' does not support transposed-weight layers (GPT-2 "
-                             "Conv1D) yet; exclude them")
-        structured = [f"{name} ({m.layout})" for name, m in self.layers.items() if m._layout_kind != "unstructured"]
-        if granularity == "row" and structured:
-            raise ValueError(f"dynasparse.pruning: granularity='row' needs unstructured layers (whole rows are not "
-                             f"whole blocks or 2:4 groups), got {', '.join(structured)}; exclude them")
+        self.layers: dict[str, nn.Module] = self._collect()
         self.optimizer: torch.optim.Optimizer | None = None
+        # Layers whose weights the attached optimizer does not hold (after recollect).
+        self._unattached: list[str] = []
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.target: float | None = None
@@ -267,6 +280,11 @@ class Pruner:
         # Pruned at some update so far / pruned at an update and active at a later one.
         self._pruned_seen = {name: torch.zeros_like(m.mask) for name, m in self.layers.items()}
         self._reactivated = {name: torch.zeros_like(m.mask) for name, m in self.layers.items()}
+        # Where masks made by drop_and_grow differ from the installed ones, until apply_masks;
+        # the stamp of each mask this pruner installed last; cached active counts.
+        self._changes: dict[str, _Change] = {}
+        self._installed: dict[str, tuple] = {}
+        self._active_counts: dict[str, tuple[tuple, int]] = {}
         self.set_update_rule(type(self).update_rule)
         if optimizer is not None:
             self.attach(optimizer)
@@ -275,6 +293,91 @@ class Pruner:
     def from_spec(cls, model: nn.Module, *, sparsity: float, total_steps: int | None, optimizer, **options):
         """Build from `pruning.create`'s arguments (registered algorithms override this)."""
         raise NotImplementedError(f"{cls.__qualname__} is not built by pruning.create; construct it directly")
+
+    def _collect(self) -> dict[str, nn.Module]:
+        """The model's prunable layers now (include / exclude of construction): matching dense
+        layers become all-active sparse ones (not under DDP), sparse ones are taken as they are."""
+        include, exclude = self._include, self._exclude
+        if not self._wrapped:
+            # Sparse layers are taken as they are: sparsify would re-prune them.
+            def dense_only_excluded(name: str, module: nn.Module) -> bool:
+                return isinstance(module, SPARSE_MODULES) or _matches(exclude, name, module, False)
+
+            self.skipped = dict(sparsify(self.model, 0.0, include=include, exclude=dense_only_excluded,
+                                         grad_mode=self.update_rule).skipped)
+        layers = {name: module for name, module in self.model.named_modules()
+                  if isinstance(module, SPARSE_MODULES) and _matches(include, name, module, True)
+                  and not _matches(exclude, name, module, False)}
+        if not layers:
+            raise ValueError("dynasparse.pruning: no prunable layer (nn.Linear / nn.Conv1d / nn.Conv2d matching "
+                             "include/exclude)"
+                             + (" in the DDP-wrapped model: sparsify the model before wrapping it"
+                                if self._wrapped else ""))
+        if self.granularity == "row" and any(isinstance(m, SparseTransposedLinear) for m in layers.values()):
+            raise ValueError("dynasparse.pruning: granularity='row' does not support transposed-weight layers (GPT-2 "
+                             "Conv1D) yet; exclude them")
+        structured = [f"{name} ({m.layout})" for name, m in layers.items() if m._layout_kind != "unstructured"]
+        if self.granularity == "row" and structured:
+            raise ValueError(f"dynasparse.pruning: granularity='row' needs unstructured layers (whole rows are not "
+                             f"whole blocks or 2:4 groups), got {', '.join(structured)}; exclude them")
+        return layers
+
+    def recollect(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, list[str]]:
+        """Find the prunable layers again after modules of the model were replaced (a layer
+        narrowed by `nn.shrink` or with merged neurons put back in place of the original, a
+        new head), with the include / exclude of construction; returns {"kept": [...],
+        "removed": [...], "added": [...]} (layer names).
+
+        A layer still there (the same module under the same name) keeps its mask and its
+        statistics; a layer gone takes its statistics with it; a new one is taken as it is (a
+        dense nn.Linear / nn.Conv becomes an all-active sparse layer, as at construction) with
+        fresh statistics and the current update rule and weight gradient (masked: its pruned
+        weights are zeroed). Later mask updates treat new layers like the others; RigL keeps
+        every layer's count, so sparsify a new dense layer first where it must be sparse.
+
+        `optimizer`: the optimizer from now on, holding every layer's weight (build it from
+        `model.parameters()` after this call where dense layers were converted); without it
+        the attached one stays if it holds them all, else `step()` and `update()` raise until
+        `attach(optimizer)`: an optimizer still holding the old parameters would not train the
+        new ones. An algorithm whose own state cannot follow refuses (`before_recollect`)
+        before the pruner changes (dense layers may have been converted by then)."""
+        if optimizer is not None:
+            self._check_optimizer(optimizer)
+        layers = self._collect()
+        kept = [name for name, module in layers.items() if self.layers.get(name) is module]
+        removed = [name for name in self.layers if name not in kept]
+        added = [name for name in layers if name not in kept]
+        if optimizer is not None:
+            self._check_owned(optimizer, layers, "the modules were replaced and recollect() converted dense ones")
+        self.before_recollect(removed, added)
+        self.layers = layers
+        self._pruned_seen = {name: self._pruned_seen[name] if name in kept else torch.zeros_like(layers[name].mask)
+                             for name in layers}
+        self._reactivated = {name: self._reactivated[name] if name in kept else torch.zeros_like(layers[name].mask)
+                             for name in layers}
+        self._changes.clear()
+        for cache in (self._installed, self._active_counts):
+            for name in [name for name in cache if name not in kept]:
+                del cache[name]
+        for name in added:
+            layers[name].grad_mode = self.update_rule
+        if self.initialized and self.update_rule == "masked":
+            with torch.no_grad():
+                for name in added:
+                    layers[name].weight.masked_fill_(~layers[name].mask, 0.0)
+        if optimizer is not None:
+            self.optimizer = optimizer
+        if self.optimizer is not None:
+            self._unattached = [name for name, layer in layers.items() if not _holds(self.optimizer, layer.weight)]
+        if self.optimizer is not None and not self._unattached:
+            self._register_masks()
+            if self.initialized and self.update_rule == "masked":
+                with torch.no_grad():
+                    for name in added:
+                        self.optimizer.reset_state(layers[name].weight, ~layers[name].mask)
+        if self.initialized:
+            self._prepare(self.step_count + 1)
+        return {"kept": kept, "removed": removed, "added": added}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -301,16 +404,10 @@ class Pruner:
         """Register the layers' mask buffers with `optimizer` (a dynasparse optimizer; a
         torch.optim one is accepted in feedback mode, where nothing must be masked), then
         initialize the masks if that has not happened and needs no data."""
-        if not hasattr(optimizer, "set_mask"):
-            if self.update_rule == "masked" or self.masks_later:
-                raise TypeError("dynasparse.pruning: masked mode needs dynasparse.optim.SGD / AdamW (they keep pruned "
-                                f"weights and their state at zero), got {type(optimizer).__name__}")
-        else:
-            for name, layer in self.layers.items():
-                if not optimizer.owns(layer.weight):
-                    raise ValueError(f"dynasparse.pruning: the optimizer does not hold {name}.weight; build it after "
-                                     "the pruner (which replaces dense layers by sparse ones) from model.parameters()")
+        self._check_optimizer(optimizer)
+        self._check_owned(optimizer, self.layers)
         self.optimizer = optimizer
+        self._unattached = []
         self._register_masks()
         if not self.initialized and not self.needs_data:
             self.initialize()
@@ -319,6 +416,7 @@ class Pruner:
         """Call after every optimizer.step() (before the next zero_grad: RigL reads this
         step's gradient): counts the step and updates the masks when due."""
         self._require_initialized("step")
+        self._require_optimizer("step")
         if any(weight_grad_of(layer.grad_mode, layer.weight_grad) == "dense" for layer in self.layers.values()):
             self.dense_gradient_steps += 1
         self.step_count += 1
@@ -330,10 +428,12 @@ class Pruner:
     def update(self) -> None:
         """Recompute the masks now, at the target of the current step (see the module docstring)."""
         self._require_initialized("update")
+        self._require_optimizer("update")
         self._update()
 
     @torch.no_grad()
     def _update(self) -> None:
+        self._changes.clear()
         self.target = self.target_at(self.step_count)
         scores = {name: self.scores(name, layer) for name, layer in self.layers.items()}
         masks = self.apply_masks(self.select(scores, self.target))
@@ -440,7 +540,45 @@ class Pruner:
         dropout's `beta * KL`), or None (the default: the loss is the task's own)."""
         return None
 
+    def before_recollect(self, removed: list[str], added: list[str]) -> None:
+        """Runs in `recollect` before the pruner changes (`self.layers` is still the old set;
+        the new modules are in `self.model`): raise to refuse, or adapt the algorithm's own
+        state to the layers `removed` and `added` (a layer replaced under its name is in both).
+        By default an algorithm with `state_attributes` refuses any change of its layers:
+        that state may describe them (IMP's rewind point holds their weights)."""
+        if self.state_attributes and (removed or added):
+            raise RuntimeError(f"dynasparse.pruning.{type(self).__name__}: cannot recollect layers (removed "
+                               f"{removed}, added {added}): its state ({', '.join(self.state_attributes)}) may "
+                               "describe the old ones, and it does not say how to carry it over (before_recollect)")
+
     # -- selection -------------------------------------------------------------------------------
+
+    def active_weights(self, name: str) -> int:
+        """How many weights of layer `name` are active (counted once per mask change)."""
+        mask = self.layers[name].mask
+        stamp = _stamp(mask)
+        cached = self._active_counts.get(name)
+        if cached is None or cached[0] != stamp:
+            cached = self._active_counts[name] = (stamp, int(torch.count_nonzero(mask)))
+        return cached[1]
+
+    def drop_and_grow(self, name: str, k: int, growth: torch.Tensor) -> torch.Tensor:
+        """The new mask of layer `name` (unstructured, weight granularity): its k active
+        weights of smallest |w| dropped and the k inactive ones of largest |growth| (a tensor
+        of the weight's shape and dtype) grown, ties to the lower flat index, no weight both
+        dropped and grown (`ops.topk.rigl_masks`: one pass over the layer). `apply_masks`
+        installs a mask made here in O(k): the pruner knows where it differs from the layer's."""
+        layer = self.layers[name]
+        kind = LayerUnits(layer, self.granularity).kind
+        if kind != "weight":
+            units = "whole rows" if kind == "row" else f"{layer.layout} units"
+            raise ValueError(f"dynasparse.pruning.drop_and_grow: {name} is selected by {units}; drop_and_grow takes "
+                             "unstructured layers at granularity 'weight' (select_masks with candidates takes the "
+                             "others)")
+        mask = layer.mask
+        new, dropped, grown, pruned_nonzeros = rigl_masks(layer.weight.detach(), mask, growth, k)
+        self._changes[name] = _Change(new, dropped, grown, int(pruned_nonzeros), _stamp(mask))
+        return new
 
     def unit_size(self, name: str) -> int:
         """Weights per selection unit of layer `name` (1, a block, or a row)."""
@@ -546,33 +684,82 @@ class Pruner:
         """Install new masks ({name: bool mask} for every layer), synchronized across ranks
         (rank 0's), and keep the statistics; returns the installed masks. In masked mode the
         pruned weights are zeroed, and after initialization the weights that grow back start
-        at zero too; their optimizer state is zeroed wherever a weight is not kept from before."""
+        at zero too; their optimizer state is zeroed wherever a weight is not kept from before.
+        A mask from `drop_and_grow` on the mask this pruner installed last is installed in
+        O(changes): statistics and zeroing touch the dropped and grown weights only (masked
+        training keeps the other pruned weights and their state at zero; should a pruned weight
+        be nonzero anyway, all of them are zeroed)."""
         if not isinstance(masks, Mapping) or set(masks) != set(self.layers):
             got = sorted(masks) if isinstance(masks, Mapping) else type(masks).__name__
             raise ValueError(f"dynasparse.pruning: masks must be given for exactly the layers {sorted(self.layers)}, "
                              f"got {got}")
         for name, layer in self.layers.items():
             layer._check_mask(masks[name], f"the new mask of {name}")
+        changes, self._changes = self._changes, {}
         masks = self._synchronize({name: masks[name].to(layer.mask.device).contiguous()
                                    for name, layer in self.layers.items()})
         total_flips = total = 0
         layer_flips = {}
         for name, layer in self.layers.items():
-            old, new = layer.mask.clone(), masks[name]
-            layer.set_mask(new)
-            flips = int(torch.count_nonzero(old != new))
+            new, change = masks[name], changes.get(name)
+            if (change is not None and change.mask is new and change.base == _stamp(layer.mask)
+                    and self._installed.get(name) == change.base and layer.weight.is_contiguous()):
+                flips = self._install_change(name, layer, change)
+            else:
+                flips = self._install_mask(name, layer, new)
+            self._installed[name] = _stamp(layer.mask)
             layer_flips[name] = flips / max(new.numel(), 1)
             total_flips, total = total_flips + flips, total + new.numel()
-            self._reactivated[name] |= new & self._pruned_seen[name]
-            self._pruned_seen[name] |= ~new
-            if layer.grad_mode == "masked":
-                fresh = ~(new & old)
-                layer.weight.masked_fill_(fresh if self.initialized else ~new, 0.0)
-                if self.optimizer is not None and hasattr(self.optimizer, "reset_state"):
-                    self.optimizer.reset_state(layer.weight, fresh)
         self.history.append({"step": self.step_count, "target": self.target,
                              "flip_rate": total_flips / max(total, 1), "layers": layer_flips})
         return masks
+
+    def _install_mask(self, name: str, layer: nn.Module, new: torch.Tensor) -> int:
+        """Install `new` by comparing it with the installed mask; returns the flips."""
+        old = layer.mask.clone()
+        layer.set_mask(new)
+        flips = int(torch.count_nonzero(old != new))
+        self._reactivated[name] |= new & self._pruned_seen[name]
+        self._pruned_seen[name] |= ~new
+        if layer.grad_mode == "masked":
+            fresh = ~(new & old)
+            layer.weight.masked_fill_(fresh if self.initialized else ~new, 0.0)
+            if self.optimizer is not None and hasattr(self.optimizer, "reset_state"):
+                self.optimizer.reset_state(layer.weight, fresh)
+        return flips
+
+    def _install_change(self, name: str, layer: nn.Module, change: _Change) -> int:
+        """Install a drop-and-grow mask from the changed positions alone; returns the flips.
+        The pruned positions before it were pruned at an update of this pruner (the mask is
+        the one it installed last), so they are marked seen already, and the active ones that
+        were seen pruned are marked re-activated already."""
+        active = self._active_counts.get(name)
+        resets = (layer.grad_mode == "masked" and self.optimizer is not None
+                  and hasattr(self.optimizer, "reset_state"))
+        # Where the mask changes: one pass over the two masks, cheaper than scattering 2k bits.
+        positions = torch.logical_xor(change.mask, layer.mask) if resets else None
+        layer.set_mask(change.mask)
+        dropped, grown = change.dropped, change.grown
+        seen, reactivated = self._pruned_seen[name].view(-1), self._reactivated[name].view(-1)
+        # Re-activated is never set where seen is not: "|= seen" at the grown is "= seen" there.
+        reactivated.index_copy_(0, grown, seen.index_select(0, grown))
+        seen.index_fill_(0, dropped, True)
+        if layer.grad_mode == "masked":
+            weight = layer.weight.view(-1)
+            if change.pruned_nonzeros:
+                # Pruned weights were written behind the optimizer's back: zero them all, and
+                # the grown ones (pruned until now).
+                layer.weight.masked_fill_(~change.mask, 0.0)
+                weight.index_fill_(0, grown, 0.0)
+            else:
+                # The grown weights were pruned, so they are zero: only the dropped ones change.
+                weight.index_fill_(0, dropped, 0.0)
+            if resets:
+                self.optimizer.reset_state(layer.weight, positions)
+        if active is not None and active[0] == change.base:
+            # Drop and grow keep the count.
+            self._active_counts[name] = (_stamp(layer.mask), active[1])
+        return dropped.numel() + grown.numel()
 
     def _synchronize(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -633,7 +820,10 @@ class Pruner:
         for name, value in state["extra"].items():
             setattr(self, name, _copied(value, name))
         self.weight_grad = state["weight_grad"]
-        # The masks came with the model's state: no zeroing, only the layers' and the optimizer's modes.
+        # The masks came with the model's state, as this pruner had installed them.
+        self._changes.clear()
+        self._installed = {name: _stamp(layer.mask) for name, layer in self.layers.items()}
+        # No zeroing, only the layers' and the optimizer's modes.
         initialized, self.initialized = self.initialized, False
         self.set_update_rule(state["update_rule"])
         self.initialized = initialized
@@ -646,6 +836,26 @@ class Pruner:
         if not self.initialized:
             how = "calibrate(batches)" if self.needs_data else "initialize() or attach(optimizer)"
             raise RuntimeError(f"dynasparse.pruning.{type(self).__name__}: call {how} before {what}()")
+
+    def _require_optimizer(self, what: str) -> None:
+        if self._unattached:
+            raise RuntimeError(f"dynasparse.pruning.{type(self).__name__}: the attached optimizer does not hold the "
+                               f"weights of {self._unattached} (modules were replaced); attach(optimizer) one built "
+                               f"from model.parameters() after recollect() before {what}()")
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if not hasattr(optimizer, "set_mask") and (self.update_rule == "masked" or self.masks_later):
+            raise TypeError("dynasparse.pruning: masked mode needs dynasparse.optim.SGD / AdamW (they keep pruned "
+                            f"weights and their state at zero), got {type(optimizer).__name__}")
+
+    def _check_owned(self, optimizer: torch.optim.Optimizer, layers: Mapping[str, nn.Module],
+                     after: str = "the pruner (which replaces dense layers by sparse ones)") -> None:
+        if not hasattr(optimizer, "set_mask"):
+            return  # a torch.optim optimizer in feedback mode: nothing to register
+        for name, layer in layers.items():
+            if not optimizer.owns(layer.weight):
+                raise ValueError(f"dynasparse.pruning: the optimizer does not hold {name}.weight; build it after "
+                                 f"{after} from model.parameters()")
 
     def _prepare(self, step: int) -> None:
         """The layers' weight gradient for training step `step`."""

@@ -8,6 +8,7 @@ from torch import nn
 from .pruner import Pruner
 from .registry import register
 from .schedules import CosineDecay, check_int, check_real
+from .selection import LayerUnits
 
 
 @register("rigl", "RigL (Evci et al. 2020): ERK random sparse init; every 100 steps until 75% of training drop the "
@@ -31,9 +32,10 @@ class RigL(Pruner):
     `pruner.step()` after `optimizer.step()` and before the next `zero_grad()`: it reads the
     step's gradient.
 
-    Layouts: a block layer drops and grows whole blocks (scored by the L2 norm of |w| and of the
-    gradient), a 2:4 layer keeps at most 2 of every 4 weights (growth fills the groups' free
-    places).
+    An unstructured layer's drop and grow is one pass over it (`Pruner.drop_and_grow`) and its
+    new mask is installed touching only the changed weights. Layouts: a block layer drops and
+    grows whole blocks (scored by the L2 norm of |w| and of the gradient), a 2:4 layer keeps
+    at most 2 of every 4 weights (growth fills the groups' free places).
     """
 
     update_rule = "masked"
@@ -62,15 +64,20 @@ class RigL(Pruner):
     def weight_grad_at(self, step: int) -> str | None:
         return "dense" if self.due(step) else super().weight_grad_at(step)
 
+    def scores(self, name: str, layer: nn.Module) -> torch.Tensor:
+        """The weights themselves: the drop ranks them by magnitude (|w|, in `select`)."""
+        return layer.weight.detach()
+
     def growth_scores(self) -> dict[str, torch.Tensor]:
-        """What grows: |gradient of the current batch| per layer (dense on update steps)."""
+        """What grows, ranked by magnitude: the gradient of the current batch per layer (dense
+        on update steps)."""
         grown = {}
         for name, layer in self.layers.items():
             if layer.weight.grad is None:
                 raise RuntimeError(f"dynasparse.pruning.{type(self).__name__}: {name}.weight has no gradient at the "
                                    f"update of step {self.step_count}; call pruner.step() after optimizer.step() and "
                                    "before the next zero_grad()")
-            grown[name] = layer.weight.grad.detach().abs()
+            grown[name] = layer.weight.grad.detach()
         return grown
 
     def select(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
@@ -79,15 +86,23 @@ class RigL(Pruner):
                      for name, layer in self.layers.items()}
             return self.select_masks(draws, sparsity=target)
         fraction = self.drop_schedule(self.step_count)
-        masks = {name: layer.mask.clone() for name, layer in self.layers.items()}
-        active, keep = {}, {}
+        growth = self.growth_scores()
+        masks, counts = {}, {}
         for name, layer in self.layers.items():
             size = self.unit_size(name)
-            units = int(torch.count_nonzero(masks[name])) // size
+            units = self.active_weights(name) // size
             dropped = min(round(fraction * units), layer.weight.numel() // size - units)
-            active[name], keep[name] = units * size, (units - dropped) * size
-        kept = self.select_masks(scores, counts=keep, candidates=masks)
-        growth = self.growth_scores()
-        # The kept weights rank first, so a 2:4 group's free places go to the largest growth scores.
-        ranked = {name: torch.where(kept[name], torch.inf, growth[name].float()) for name in masks}
-        return self.select_masks(ranked, counts=active, candidates={name: kept[name] | ~masks[name] for name in masks})
+            if LayerUnits(layer, self.granularity).kind == "weight":
+                masks[name] = self.drop_and_grow(name, dropped, growth[name].to(layer.weight.dtype))
+            else:
+                counts[name] = (units * size, (units - dropped) * size)
+        if counts:
+            # Blocks and 2:4 groups: the kept units first, then the growth among the inactive ones.
+            current = {name: self.layers[name].mask.clone() for name in counts}
+            kept = self.select_masks({name: scores[name].abs() for name in counts},
+                                     counts={name: keep for name, (_, keep) in counts.items()}, candidates=current)
+            # The kept weights rank first, so a 2:4 group's free places go to the largest growth scores.
+            ranked = {name: torch.where(kept[name], torch.inf, growth[name].abs().float()) for name in counts}
+            masks.update(self.select_masks(ranked, counts={name: active for name, (active, _) in counts.items()},
+                                           candidates={name: kept[name] | ~current[name] for name in counts}))
+        return masks

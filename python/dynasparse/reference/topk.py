@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_k_in_range, check_nm_mask, check_topk_mask, check_topk_mask_global, nan_message
+from ..checks import (check_k_in_range, check_nm_mask, check_rigl_masks, check_topk_mask, check_topk_mask_global,
+                      nan_message)
 
 
 def _check_no_nan(op: str, name: str, scores: torch.Tensor, candidates: torch.Tensor | None) -> None:
@@ -66,3 +67,25 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
     mask.scatter_(1, order[:, :n], True)
     return mask.reshape(scores.shape)
+
+
+def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: int, topk):
+    """rigl_masks composed from a top-k op, `topk(scores, k, candidates) -> (mask, threshold)`:
+    this module's `topk_mask` for the reference, the Triton kernels' for the Triton backend."""
+    check_rigl_masks(weight, mask, grad, k)
+    if bool((torch.isnan(weight) & mask).any()):
+        raise ValueError("dynasparse.rigl_masks: weight contains NaN among the active weights (NaN has no rank)")
+    if bool((torch.isnan(grad) & ~mask).any()):
+        raise ValueError("dynasparse.rigl_masks: grad contains NaN among the inactive weights (NaN has no rank)")
+    active = int(mask.sum())
+    if k > active or k > mask.numel() - active:
+        raise ValueError(f"dynasparse.rigl_masks: k ({k}) exceeds the number of active ({active}) or inactive "
+                         f"({mask.numel() - active}) weights")
+    kept, _ = topk(weight.abs(), active - k, mask)
+    grown, _ = topk(grad.abs(), k, ~mask)
+    return (kept | grown, torch.nonzero((mask & ~kept).reshape(-1)).reshape(-1),
+            torch.nonzero(grown.reshape(-1)).reshape(-1), torch.count_nonzero(weight[~mask]))
+
+
+def rigl_masks(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: int):
+    return drop_and_grow(weight, mask, grad, k, topk_mask)
