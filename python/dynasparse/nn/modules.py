@@ -135,7 +135,12 @@ register_optimizer_step_post_hook(_count_optimizer_writes)
 
 class _SparseMixin:
     """Mask, plan and grad mode shared by the sparse modules; `_weight_2d()` is the [N, K]
-    matrix the masked matmul sees."""
+    matrix the masked matmul sees.
+
+    The methods every call runs (`plan`, `_mask_stamp`, `_reference_product`, `_runs_dense`,
+    `_dense_weight`) read the weight, bias and mask from `_parameters` / `_buffers`:
+    nn.Module's `__getattr__` is a Python call per read, and a dozen of them were a third of a
+    small layer's Python path."""
 
     def _init_sparse(self, sparsity: float, layout: str, grad_mode: str, backend: str | None) -> None:
         check_sparsity(sparsity)
@@ -242,9 +247,10 @@ class _SparseMixin:
         mode any other change of the `mask` buffer (in place, through `.data`, replaced) is
         also noticed here."""
         if not torch.compiler.is_compiling():
-            if self._pending_sparsity is not None and not self.weight.is_meta:
+            weight = self._parameters["weight"]
+            if self._pending_sparsity is not None and not weight.is_meta:
                 self._choose_pending_mask()
-            _counting(self.weight, SparseWeight)
+            _counting(weight, SparseWeight)
             if self._plan_stamp != self._mask_stamp():
                 self._check_mask(self.mask, "the layer's mask (changed outside set_mask)")
                 self._rebuild_plan()
@@ -256,7 +262,7 @@ class _SparseMixin:
         return self.plan()
 
     def _mask_stamp(self) -> tuple:
-        mask = self.mask
+        mask = self._buffers["mask"]
         return (id(mask), mask.data_ptr(), mask._version, write_generation(mask), mask.shape, mask.dtype,
                 mask.device)
 
@@ -336,8 +342,10 @@ class _SparseMixin:
 
     def _reference_product(self, x: torch.Tensor) -> bool:
         """Meta tensors and torch.func-wrapped weights run as torch ops (no kernel plan for them)."""
-        return self.weight.is_meta or x.is_meta or (not torch.compiler.is_compiling()
-                                                    and traced_by_functorch(self.weight, self.bias))
+        parameters = self._parameters
+        weight = parameters["weight"]
+        return weight.is_meta or x.is_meta or (not torch.compiler.is_compiling()
+                                               and traced_by_functorch(weight, parameters["bias"]))
 
     def _sparse_linear(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None,
                        dense: bool = False) -> torch.Tensor:
@@ -345,7 +353,7 @@ class _SparseMixin:
         if self._reference_product(x):
             return F.linear(x, masked_weight_for(weight_2d, self._mask_2d(), self.grad_mode, self.weight_grad), bias)
         if dense:
-            return F.linear(x, self._dense_weight(weight_2d, self._mask_2d()), bias)
+            return F.linear(x, self._dense_weight(weight_2d, as_matrix=True), bias)
         plan = self.plan()  # checked against the mask buffer's stamp; weights are unwrapped (above)
         return plan.product(x, weight_2d, self._guarded_bias(plan, bias, x),
                             weight_grad_of(self.grad_mode, self.weight_grad))
@@ -365,8 +373,9 @@ class _SparseMixin:
         if torch._C._are_functorch_transforms_active():
             return True  # torch.func wraps the input: torch ops on w * m, nothing measured
         self.plan()  # a changed mask is noticed before its density keys the choice
-        bias = self.bias
-        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+        parameters = self._parameters
+        bias = parameters["bias"]
+        training = torch.is_grad_enabled() and (x.requires_grad or parameters["weight"].requires_grad
                                                 or (bias is not None and bias.requires_grad))
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -378,8 +387,10 @@ class _SparseMixin:
             name = costs.key_name(key)
             choice = costs.COSTS.choice(name) or self._measure(name, x, run, training)
             self._choices[key] = choice
-        self._dense_last = choice == "dense"
-        return self._dense_last
+        dense = choice == "dense"
+        if dense != self._dense_last:  # nn.Module's __setattr__ costs more than the rest of a small call
+            self._dense_last = dense
+        return dense
 
     def _measure(self, name: str, x: torch.Tensor, run, training: bool) -> str:
         probe = x.detach().requires_grad_(x.requires_grad)
@@ -398,15 +409,18 @@ class _SparseMixin:
             sparse_s, dense_s = costs.time_both(way(False), way(True), x.device)
         return costs.COSTS.record(name, sparse_s, dense_s)
 
-    def _dense_weight(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """w * m for the dense way: differentiable as the grad mode says while a gradient is
-        wanted; else kept until the weight or the mask changes (inference calls then cost what
-        the dense layer's do)."""
+    def _dense_weight(self, weight: torch.Tensor, as_matrix: bool) -> torch.Tensor:
+        """w * m for the dense way (`weight` the [N, K] matrix with `as_matrix`, else shaped
+        like the mask): differentiable as the grad mode says while a gradient is wanted; else
+        kept until the weight or the mask changes (inference calls then cost what the dense
+        layer's do)."""
         if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+            mask = self._mask_2d() if as_matrix else self._buffers["mask"]
             return masked_weight_for(weight, mask, self.grad_mode, self.weight_grad)
         self.plan()  # its stamp is the mask's, refreshed by any change of the buffer
         cached = self._dense_cache
         if cached is None or cached[1] != self._plan_stamp or not cached[0].matches(weight):
+            mask = self._mask_2d() if as_matrix else self._buffers["mask"]
             with torch.no_grad():
                 cached = self._dense_cache = (WeightStamp(weight), self._plan_stamp, torch.where(mask, weight, 0))
         return cached[2]
@@ -494,7 +508,8 @@ class SparseLinear(_SparseMixin, nn.Linear):
         return self._linear(x, self._runs_dense(x, self._linear))
 
     def _linear(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
-        return self._sparse_linear(x, self.weight, self.bias, dense)
+        parameters = self._parameters
+        return self._sparse_linear(x, parameters["weight"], parameters["bias"], dense)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, sparsity: float = 0.0, layout: str = "unstructured",
@@ -560,7 +575,7 @@ class _SparseConvNd(_SparseMixin):
             if self._reference_product(x):
                 weight = masked_weight_for(self.weight, self.mask, self.grad_mode, self.weight_grad)
             else:
-                weight = self._dense_weight(self.weight, self.mask)
+                weight = self._dense_weight(self.weight, as_matrix=False)
             return self._conv_forward(x, weight, self.bias)
         x, restore = self._as_2d_input(x)
         return restore(self._convolution_2d(x, *self._geometry_2d()))
