@@ -259,6 +259,17 @@ def check_rigl_masks(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tenso
         raise ValueError(f"dynasparse.rigl_masks: k must be >= 0, got {k}")
 
 
+def check_rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, state) -> None:
+    """rigl_update's own arguments (rigl_masks checks the rest): the optimizer state it zeroes
+    has the weight's shape."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"dynasparse.rigl_update: mask must be torch.bool, got {_dtype_name(mask.dtype)}")
+    for name, tensor in [("mask", mask), ("grad", grad)] + [(f"state[{i}]", s) for i, s in enumerate(state)]:
+        if tensor.shape != weight.shape:
+            raise ValueError(f"dynasparse.rigl_update: {name} must have weight's shape {list(weight.shape)}, "
+                             f"got {list(tensor.shape)}")
+
+
 # Masked matmul (csrc/matmul.h): plans, packed values and products.
 
 MAX_PANEL = 65536

@@ -215,15 +215,6 @@ def rigl_masks(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: 
     return _rigl(weight, mask, grad, k, backend=backend)
 
 
-def _check_rigl(weight, mask, grad, state):
-    if mask.dtype != torch.bool:
-        raise TypeError(f"dynasparse.rigl_update: mask must be torch.bool, got {checks._dtype_name(mask.dtype)}")
-    for name, tensor in [("mask", mask), ("grad", grad)] + [(f"state[{i}]", s) for i, s in enumerate(state)]:
-        if tensor.shape != weight.shape:
-            raise ValueError(f"dynasparse.rigl_update: {name} must have weight's shape {list(weight.shape)}, "
-                             f"got {list(tensor.shape)}")
-
-
 @torch.no_grad()
 def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: int, *,
                 state: Sequence[torch.Tensor] = (), backend: str | None = None) -> torch.Tensor:
@@ -234,7 +225,7 @@ def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k:
     weight is both dropped and grown. Grown weights and every tensor in `state` (optimizer
     state shaped like the weight) are zeroed in place at the grown positions.
     """
-    _check_rigl(weight, mask, grad, state)
+    checks.check_rigl_update(weight, mask, grad, state)
     k = _count("rigl_update", "k", k, "in [0, min(active, inactive weights)]")
     new_mask, _, grown, _ = rigl_masks(weight, mask, grad, k, backend=backend)
     if grown.numel():
