@@ -87,6 +87,19 @@ def test_the_measured_choice_decides_the_path_and_is_kept(cost_model, monkeypatc
     assert f"dense at {0 if kernel_runs else 1} of 1 call shapes" in repr(layer)
 
 
+@pytest.mark.parametrize("timings,choice", [((0.94, 1.0), "sparse"), ((0.96, 1.0), "dense"), ((1.0, 1.0), "dense")])
+def test_the_kernels_must_win_by_the_margin(cost_model, timings, choice):
+    """Within the timing noise the layer runs dense: a wrong dense choice loses at most the
+    margin, a wrong sparse one would be slower than the dense layer."""
+    assert costs.SPARSE_MARGIN == 0.05
+    _, state = cost_model
+    state["timings"] = timings
+    layer = SparseLinear(40, 24, sparsity=0.8, backend="auto")
+    with torch.no_grad():
+        layer(torch.randn(5, 40))
+    assert [row["choice"] for row in layer.backend_report()] == [choice]
+
+
 def test_each_call_key_is_measured_once(cost_model):
     _, state = cost_model
     layer = SparseLinear(16, 8, sparsity=0.5, backend="auto")

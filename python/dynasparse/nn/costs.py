@@ -5,8 +5,8 @@ vectorized kernel, and wherever the mask keeps too much. A layer with backend "a
 default) runs each call as the faster of its sparse kernels and the dense computation on
 `w * m`, which gives the same values and the same gradients (the grad mode's). What is faster
 is measured, not guessed: the first call with a new key times both ways on that call's own
-input (forward, plus backward for a training call), and the result is kept, for this
-process and in a file shared by later ones on this machine.
+input (forward, plus backward for a training call; the kernels must win by SPARSE_MARGIN),
+and the result is kept, for this process and in a file shared by later ones on this machine.
 
 The key: the layer's kind and geometry, its layout and grad mode, the density (to 0.01), the
 call's rows bucketed to a power of two (convolutions: the batch bucketed, the image size
@@ -53,6 +53,10 @@ _BUDGET_S = 0.004
 _MIN_REPEATS, _MAX_REPEATS = 3, 25
 # Above this many runnable processes per core the timings of both ways include waiting.
 _BUSY_LOAD = 1.0
+# The kernels run only when measured at least this much faster: a median of a few calls
+# varies by about this much, and a wrong "sparse" makes the layer slower than dense, which a
+# wrong "dense" (losing at most this margin) never does.
+SPARSE_MARGIN = 0.05
 
 
 def _initial_default() -> str:
@@ -188,8 +192,9 @@ class CostModel:
         return self._load().get(key)
 
     def record(self, key: str, sparse_s: float, dense_s: float) -> str:
-        """Store a measurement; the choice is the faster way (sparse on a tie)."""
-        choice = "dense" if dense_s < sparse_s else "sparse"
+        """Store a measurement; the choice is sparse where it measured at least SPARSE_MARGIN
+        faster than dense, else dense."""
+        choice = "sparse" if sparse_s <= dense_s * (1.0 - SPARSE_MARGIN) else "dense"
         self._load()[key] = {"sparse_s": sparse_s, "dense_s": dense_s, "choice": choice, "load": machine_load()}
         self._save()
         return choice
