@@ -324,10 +324,10 @@ def test_the_quick_population_builds():
     assert experiment.hooks(parents[1]) and not experiment.hooks(children[0])
     assert not experiment.hooks(next(s for s in parents if s.method == "dense"))
     full = experiment.specs(quick=False)
-    assert len(full) == 2 * 3 * (1 + 3 * 6 + 4 * 4)  # re-initializations at 90% only (REINIT_SPARSITIES)
-    assert {s.parent.sparsity for s in full if s.parent is not None} == {0.9}
-    every = experiment.specs(quick=False, models=["mlp"], seeds=1, reinit_sparsities=experiment.SPARSITIES)
-    assert len(every) == 1 + 3 * (6 + 4 * 4)
+    assert len(full) == 2 * 3 * (1 + 3 * (6 + 4 * 4))  # re-initializations at every sparsity
+    assert {s.parent.sparsity for s in full if s.parent is not None} == {0.8, 0.9, 0.95}
+    middle = experiment.specs(quick=False, models=["mlp"], seeds=1, reinit_sparsities=[0.9])
+    assert len(middle) == 1 + 3 * 6 + 4 * 4
     assert registry.get("structure").hooks is experiment.hooks
     with pytest.raises(ValueError, match="models must be some of digits-cnn, mlp"):
         experiment.specs(data="digits", models=["cnn1d"])

@@ -12,10 +12,8 @@ order and (per seed) initialization:
 - DNW; RigL with 4 mask updates per epoch (the paper's dT = 100 at 390 steps per epoch on
   CIFAR-10); DPF (ours beyond the paper); dense as the reference.
 
-Experiment 1 (structure alone, at 90%: `REINIT_SPARSITIES`, the issue's 80/95% too cost hours on
-2 shared cores; `specs(reinit_sparsities=...)` runs them): each final mask retrained for the same
-steps from (a) the
-original initialization, (b) a new random one, (c) the original values reshuffled within each
+Experiment 1 (structure alone, at 80, 90 and 95%: `REINIT_SPARSITIES`; `specs(reinit_sparsities=...)`
+takes fewer): each final mask retrained for the same steps from (a) the original initialization, (b) a new random one, (c) the original values reshuffled within each
 layer's kept positions, (d) signed constants (`experiments.structure`: child runs of the
 transforms "structure-original/random/shuffle/signed"). Experiment 2: the stored models pruned
 q = 0..90% further by magnitude without retraining (`analysis.further_pruning_curve`), the area
@@ -45,9 +43,9 @@ ALGORITHMS = ("imp", "dnw", "rigl", "dpf")
 FROZEN = {"rigl_frozen": "rigl", "dnw_frozen": "dnw"}
 EMERGENCE = ("rigl", "dnw", "dpf")
 SPARSITIES = (0.8, 0.9, 0.95)
-# The re-initialized retrainings (4 runs per parent) at the middle sparsity only: on 2 shared cores the
-# full set would take hours.
-REINIT_SPARSITIES = (0.9,)
+# The re-initialized retrainings (4 runs per parent), at every sparsity as the issue asks: 96 more
+# runs than at 90% alone, about 15 more minutes of the full run on 2 cores.
+REINIT_SPARSITIES = SPARSITIES
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))
 STEPS, QUICK_STEPS = 1000, 400
 SEEDS = 3
