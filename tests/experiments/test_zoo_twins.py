@@ -5,6 +5,7 @@ are recomputed from the stored models, MP at VD's sparsity included."""
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from dynasparse.experiments import data, models, registry, reports
 from dynasparse.experiments.catalog import zoo_twins as zt
 from dynasparse.experiments.runner import run_population
 from dynasparse.experiments.store import Store
-from dynasparse.nn import SparseConv2d, SparseLinear
+from dynasparse.nn import SparseConv2d, SparseLinear, backend_default, default_backend
 
 
 def test_population_sizes_and_the_hyperparameter_grid():
@@ -88,6 +89,44 @@ def test_bootstrap_of_the_crossover():
     assert mixed["low"] <= mixed["high"]
     assert zt.bootstrap_crossover([model] * 5, samples=50, seed=3) == zt.bootstrap_crossover([model] * 5, samples=50,
                                                                                               seed=3)
+
+
+def _pooled_crossover(per_model, bins=zt.BINS):
+    """The crossover's curve by its definition: every model's points pooled, then binned."""
+    edges = np.asarray(bins, dtype=float)
+    pooled = [(s, d) for model in per_model for s, d in model]
+    curve = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = [d for s, d in pooled if low <= s < high or (high == edges[-1] and s == high)]
+        if inside:
+            curve.append(((low + high) / 2, statistics.fmean(inside), len(inside)))
+    return curve
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binned_crossover_equals_pooling_the_points(seed):
+    # Models binned once (what the bootstrap resamples) give the curve of the pooled points:
+    # points on bin edges, at 0 and 1 (the last bin closed), outside the range, models without
+    # points, and a model drawn several times.
+    rng = np.random.default_rng(seed)
+    per_model = []
+    for count in rng.integers(0, 30, 40):
+        sparsity = np.concatenate([rng.uniform(-0.1, 1.1, count), rng.choice(zt.BINS, 3)])
+        per_model.append([(float(s), float(d)) for s, d in zip(sparsity, rng.normal(0, 0.1, len(sparsity)))])
+    per_model.append([])
+    for sample in (per_model, [per_model[i] for i in rng.integers(0, len(per_model), len(per_model))]):
+        assert zt.crossover(sample)["curve"] == _pooled_crossover(sample)  # fmean: exactly rounded, any order
+    # The bootstrap's samples are those of crossover() on the resampled models.
+    result = zt.bootstrap_crossover(per_model, samples=30, seed=seed)
+    draws = np.random.default_rng(seed)
+    crossings = [zt.crossover([per_model[i] for i in draws.integers(0, len(per_model), len(per_model))])
+                 for _ in range(30)]
+    found = [c["crossover"] for c in crossings if c["crossover"] is not None]
+    assert result["fractions"]["crossing"] == len(found) / 30
+    if found:
+        assert result["low"] == float(np.percentile(found, 2.5)) and result["high"] == float(np.percentile(found, 97.5))
+    assert zt.bootstrap_crossover([], samples=5) == {"estimate": None, "kind": "no-data", "curve": [], "low": None,
+                                                     "high": None, "samples": 5, "fractions": {}, "models": 0}
 
 
 def test_crossover_verdicts():
@@ -228,6 +267,28 @@ def test_tiny_reproduction_end_to_end(tmp_path):
     # A second analysis reuses them.
     again = run_population(zt.matched_twins(population.records, size), tmp_path, executor="inline", progress=False)
     assert again.complete and again.computed == 0 and len(again.records) == 8
+
+
+def test_collect_runs_the_stored_models_on_their_kernels(tmp_path, monkeypatch):
+    # As in training: no layer of the analysis times sparse against dense (backend "auto"),
+    # whose choice would decide the outputs' rounding.
+    # Two VD epochs: the first one's MP twin is built here, from the original's dense layers.
+    size = zt.Size(seeds=1, hyper=0, zoo_epochs=1, vd_epochs=2, finetune_epochs=1, ratios=(0.5,))
+    population = run_population(zt.specs(size=size), tmp_path, executor="inline", hooks=zt.hooks, progress=False)
+    assert population.complete
+    seen = []
+    logits = zt.analysis.logits
+
+    def recording(model, inputs, **options):
+        seen.extend(m.backend for m in model.modules() if isinstance(m, (SparseLinear, SparseConv2d)))
+        return logits(model, inputs, **options)
+
+    monkeypatch.setattr(zt.analysis, "logits", recording)
+    with backend_default("auto"):
+        population = zt.collect(population.records, Store(tmp_path), size.ratios)
+        assert default_backend() == "auto"
+    assert seen and set(seen) == {"sparse"}
+    assert {t["method"] for t in population[0]["twins"]} >= {"vd", "mp", "mp-ft"}
 
 
 def test_the_digits_zoo_is_the_papers_cnn_on_8x8_images():

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ... import pruning
+from ...nn import backend_default
 from ...pruning import variational_dropout  # noqa: F401  registers "vd"
 from .. import analysis, data, reports, transforms
 from ..registry import Experiment, register
@@ -241,16 +242,22 @@ def differences(vd: Sequence[tuple[float, float]], mp: Sequence[tuple[float, flo
     return [(s, a - float(np.interp(s, xs, ys))) for s, a in vd if xs[0] <= s <= xs[-1]]
 
 
-def crossover(per_model: Sequence[Sequence[tuple[float, float]]], bins: Sequence[float] = BINS) -> dict:
-    """Where VD starts to beat MP: per sparsity bin the mean of the (sparsity, VD - MP)
-    differences pooled over the models; the crossover is the first up-crossing of zero of the
-    binned means (linear between bin centers). kind: "crossing", "vd-ahead" (VD >= MP in the
-    first bin with data: no crossover above it), "mp-ahead" (VD < MP in every bin)."""
-    edges = np.asarray(bins, dtype=float)
-    pooled = [(s, d) for model in per_model for s, d in model]
+def _binned(per_model: Sequence[Sequence[tuple[float, float]]], edges: np.ndarray) -> list[list[list[float]]]:
+    """Per model, per sparsity bin of `edges`, the differences d of its points (s, d) in that
+    bin (the last bin closed)."""
+    bins = list(zip(edges[:-1], edges[1:]))
+    models = [list(model) for model in per_model]
+    return [[[d for s, d in model if low <= s < high or (high == edges[-1] and s == high)] for low, high in bins]
+            for model in models]
+
+
+def _binned_crossover(models: Sequence[Sequence[list[float]]], edges: np.ndarray) -> dict:
+    """`crossover` of models already binned by `_binned` (a bootstrap bins each model once:
+    fmean is an exactly rounded sum over the pooled differences, whatever their order, so the
+    result is that of binning the pooled points)."""
     curve = []
-    for low, high in zip(edges[:-1], edges[1:]):
-        inside = [d for s, d in pooled if low <= s < high or (high == edges[-1] and s == high)]
+    for b, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+        inside = [d for model in models for d in model[b]]
         if inside:
             curve.append(((low + high) / 2, statistics.fmean(inside), len(inside)))
     if not curve:
@@ -263,18 +270,28 @@ def crossover(per_model: Sequence[Sequence[tuple[float, float]]], bins: Sequence
     return {"kind": "mp-ahead", "crossover": None, "curve": curve}
 
 
+def crossover(per_model: Sequence[Sequence[tuple[float, float]]], bins: Sequence[float] = BINS) -> dict:
+    """Where VD starts to beat MP: per sparsity bin the mean of the (sparsity, VD - MP)
+    differences pooled over the models; the crossover is the first up-crossing of zero of the
+    binned means (linear between bin centers). kind: "crossing", "vd-ahead" (VD >= MP in the
+    first bin with data: no crossover above it), "mp-ahead" (VD < MP in every bin)."""
+    edges = np.asarray(bins, dtype=float)
+    return _binned_crossover(_binned(per_model, edges), edges)
+
+
 def bootstrap_crossover(per_model: Sequence[Sequence[tuple[float, float]]], *, samples: int = BOOTSTRAP,
                         seed: int = 0, bins: Sequence[float] = BINS) -> dict:
     """The crossover of the population and its bootstrap over the models (resampled with
     replacement): the 2.5 and 97.5 percentiles of the crossovers of the samples that have one,
     and the fraction of samples of each kind."""
-    estimate = crossover(per_model, bins)
+    edges = np.asarray(bins, dtype=float)
+    binned = _binned(per_model, edges)
+    estimate = _binned_crossover(binned, edges)
     rng = np.random.default_rng(seed)
     found, kinds = [], {"crossing": 0, "vd-ahead": 0, "mp-ahead": 0, "no-data": 0}
     n = len(per_model)
     for _ in range(samples if n else 0):
-        sample = [per_model[i] for i in rng.integers(0, n, n)]
-        result = crossover(sample, bins)
+        result = _binned_crossover([binned[i] for i in rng.integers(0, n, n)], edges)
         kinds[result["kind"]] += 1
         if result["crossover"] is not None:
             found.append(result["crossover"])
@@ -352,7 +369,14 @@ def collect(records, store, ratios: Sequence[float] = RATIOS) -> list[dict]:
     twins (accuracy, sparsity, layer sparsity, agreement with the original on the test split):
     "vd"; "mp" and "mp-ft" at each of `ratios`; "mp@vd" and "mp-ft@vd", the stored runs at the
     VD twin's final sparsity. The VD twin also holds "mp_matched": MP at the sparsity of each
-    of its epochs (computed here, the last one the stored "mp@vd" run)."""
+    of its epochs (computed here, the last one the stored "mp@vd" run). The models run their
+    sparse kernels, as in training: with backend "auto" every freshly loaded layer would time
+    both ways first, and the outputs would depend on which way the timings chose."""
+    with backend_default("sparse"):
+        return _collect(records, store, ratios)
+
+
+def _collect(records, store, ratios: Sequence[float]) -> list[dict]:
     test = None
     population = []
     children: dict[str, list] = {}
