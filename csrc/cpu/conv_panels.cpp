@@ -2,17 +2,24 @@
 // implicit GEMM, y[img, n, pixel] = sum over k of W[n, k] * im2col(x)[img, k, pixel], with the
 // im2col matrix never written whole.
 //
-// fp32 on AVX-512: a parallel task is one image and a slice of 16, 32 or 64 consecutive output
-// pixels. For each K-panel it builds the im2col tile of its slice, tile[k][pixel] (the same
-// batch-contiguous operand the matmul kernels of matmul_panels.cpp read; 64 KiB in L2 at panel
-// 256 and 64 pixels: cutting it into L1-sized 32 KiB halves measured no faster at 90% sparsity
-// and 15% slower at 99%), then every row of W adds its (panel, row) segment into
-// accumulators [rows][pixels]. The accumulator row of W row n is y[img, n, slice] in NCHW and
-// is stored as is. With stride 1, the pixels of a 16-lane vector lying on one output row read
-// 16 consecutive inputs: one masked load, the masked-off lanes being the zero padding; other
-// vectors gather. Other dtypes and CPUs run a scalar kernel (float accumulation for half
-// types). Every output element is summed in plan order, so results do not depend on the
-// thread count.
+// fp32 on AVX-512: the output pixels are cut into blocks of 4 16-lane vectors (conv_tiles.h,
+// shared with the weight gradient): part of one image, or as many whole small images as fit
+// (a 40-sample signal is 3 vectors, a 4 x 4 image 1, so four of those share a block). Blocks
+// are the parallel tasks, those at one pixel position of every image in turn, so the reader's
+// tables are built once per position and thread. For each K-panel a block builds its im2col
+// tile, tile[k][image][vector] (the batch-contiguous operand the matmul kernels of
+// matmul_panels.cpp read; 64 KiB in L2 at panel 256), then every row of W adds its (panel,
+// row) segment into accumulators [rows][block]; row n of a block's accumulators is y[image, n,
+// pixels] of each of its images. With stride 1 along rows and outputs at least 8 wide, a
+// vector's lanes on one output row read consecutive inputs: one masked load per output row it
+// spans (at most 3), and one for all of them where the input is as wide as the output (3 x 3
+// "same" convolutions); other geometries gather. Gathering 16-pixel vectors across two rows of
+// an 8 x 8 image made the tile build cost most of the kernel: with the masked loads, B64 C32
+// N32 8 x 8 at 90% sparsity ran 2.6x faster (one thread). Big images keep that order too:
+// visiting one image's blocks in turn, for reuse of their shared input rows, measured no
+// faster on B32 C64 N64 32 x 32. Other dtypes and CPUs run a scalar kernel (float
+// accumulation for half types). Every output element is summed in plan order, in a block
+// layout fixed by the shape, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -21,22 +28,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
+#include "conv_tiles.h"
 #include "matmul.h"
 #include "panels.h"
 #include "parallel.h"
 
 namespace dynasparse {
 namespace {
-
-struct ConvShape {
-  int64_t batch, channels, height, width;
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-  int64_t out_h, out_w, n, k;
-  int64_t pixels() const { return out_h * out_w; }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Generic (any dtype, any CPU): one (image, W row) per task, an accumulator per output pixel,
@@ -93,190 +93,114 @@ void conv_generic(PanelPlanCheck& check, const ConvShape& s, const scalar_t* x, 
 // Rows of W per accumulator group ([rows][64] floats: 128 KiB, in L2 beside the tile); wider
 // layers rebuild the tiles once per group.
 constexpr int64_t kGroupRows = 512;
+// 16-lane vectors per block: an accumulator row of 64 floats, four registers per nonzero's
+// FMAs.
+constexpr int64_t kBlockVectors = 4;
 
-// Channels ahead of the tile builder whose inputs are prefetched: x planes are H * W floats
-// apart, a stride no hardware prefetcher follows, so without this every channel's rows come
-// from L3 or DRAM at full latency (tile building for 8 x 256 x 32 x 32 inputs: 8.1 ms
-// without, 2.3 ms with, one thread).
-constexpr int64_t kPrefetchChannels = 4;
-
-// Where one task's slice of kVecs * 16 output pixels reads x. Per vector: its lanes' input
-// coordinates before the kernel tap's offset, and whether it may load contiguously (stride 1,
-// every live lane on one output row); for those, per kernel row dy the plane offset of lane
-// 0's input and the lanes whose input row is inside the image, per kernel column dx the lanes
-// whose input column is. The tile builder then needs one table lookup and one masked load per
-// (tap, vector).
-template <int kVecs>
-class SliceReader {
+class ConvAvx512 {
  public:
-  explicit SliceReader(const ConvShape& s)
-      : s_(s), row_offsets_(kVecs * s.kh), row_lanes_(kVecs * s.kh), col_lanes_(kVecs * s.kw) {}
+  ConvAvx512(PanelPlanCheck& check, const ConvShape& s, const float* x, const float* values, const int64_t* row_ptr,
+             const int16_t* cols, int64_t panel, const float* bias, float* y)
+      : check_(check), s_(s), x_(x), values_(values), row_ptr_(row_ptr), cols_(cols), panel_(panel), bias_(bias), y_(y),
+        layout_(s, kBlockVectors) {}
 
-  void start(int64_t first_pixel) {
-    const int64_t pixels = s_.pixels();
-    for (int v = 0; v < kVecs; ++v) {
-      alignas(64) int32_t rows[16], cols[16];
-      __mmask16 live = 0;
-      bool one_row = s_.sw == 1;
-      for (int t = 0; t < 16; ++t) {
-        const int64_t q = first_pixel + 16 * v + t;
-        rows[t] = cols[t] = 0;
-        if (q >= pixels) continue;
-        rows[t] = static_cast<int32_t>((q / s_.out_w) * s_.sh - s_.ph);
-        cols[t] = static_cast<int32_t>((q % s_.out_w) * s_.sw - s_.pw);
-        live |= static_cast<__mmask16>(1u << t);
-        if (rows[t] != rows[0]) one_row = false;
-      }
-      live_[v] = live;
-      one_row_[v] = one_row;
-      row_[v] = _mm512_load_si512(rows);
-      col_[v] = _mm512_load_si512(cols);
-      for (int64_t dy = 0; dy < s_.kh; ++dy) {
-        const int64_t row = rows[0] + dy * s_.dh;
-        row_offsets_[v * s_.kh + dy] = row * s_.width + cols[0];
-        row_lanes_[v * s_.kh + dy] = row >= 0 && row < s_.height ? live : 0;
-      }
-      for (int64_t dx = 0; dx < s_.kw; ++dx) {
-        const __m512i col = _mm512_add_epi32(col_[v], _mm512_set1_epi32(static_cast<int32_t>(dx * s_.dw)));
-        col_lanes_[v * s_.kw + dx] = _mm512_mask_cmplt_epu32_mask(live, col, width_vector());
-      }
-    }
-    // The plane range this slice reads: from its first pixel's top-left tap to its last
-    // pixel's bottom-right tap, clipped to the image.
-    const int64_t last_pixel = std::min(pixels, first_pixel + 16 * kVecs) - 1;
-    const int64_t top = (first_pixel / s_.out_w) * s_.sh - s_.ph, left = (first_pixel % s_.out_w) * s_.sw - s_.pw;
-    const int64_t bottom = (last_pixel / s_.out_w) * s_.sh - s_.ph + (s_.kh - 1) * s_.dh;
-    const int64_t right = (last_pixel % s_.out_w) * s_.sw - s_.pw + (s_.kw - 1) * s_.dw;
-    read_begin_ = top < 0 ? 0 : std::min(top, s_.height) * s_.width + std::clamp<int64_t>(left, 0, s_.width);
-    read_end_ = bottom >= s_.height ? s_.height * s_.width
-                                    : std::max<int64_t>(bottom * s_.width + std::min(right + 1, s_.width), read_begin_);
-  }
+  int64_t blocks() const { return layout_.blocks(); }
 
-  void prefetch(const float* plane) const {
-    for (int64_t i = read_begin_; i < read_end_; i += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(plane + i), _MM_HINT_T0);
+  // Blocks [begin, end); the first checks every plan segment it reads.
+  void run(int64_t begin, int64_t end) const {
+    BlockReader<kBlockVectors> reader(s_);
+    Scratch tile(std::min(panel_, s_.k) * kBlockVectors * 16), acc(std::min(kGroupRows, s_.n) * kBlockVectors * 16);
+    int64_t read_begin = 0, read_end = 0, position = -1;
+    for (int64_t index = begin; index < end; ++index) {
+      const Block blk = layout_.block(index);
+      if (blk.first_pixel != position) {
+        position = blk.first_pixel;
+        reader.start(blk.first_pixel, blk.vectors);
+        reader.read_range(&read_begin, &read_end);
+      }
+      const Tile t{reader, blk, read_begin, read_end, tile.data, acc.data, index == begin};
+      bool ok;
+      switch (blk.images * blk.vectors) {
+        case 4: ok = block<4>(t); break;
+        case 3: ok = block<3>(t); break;
+        case 2: ok = block<2>(t); break;
+        default: ok = block<1>(t); break;
+      }
+      if (!ok) return check_.fail();
     }
   }
-
-  // The 16 floats of vector v at kernel tap (dy, dx) of one channel plane, zero outside.
-  __m512 load(const float* plane, int v, int64_t dy, int64_t dx) const {
-    if (one_row_[v]) {
-      const __mmask16 inside = row_lanes_[v * s_.kh + dy] & col_lanes_[v * s_.kw + dx];
-      // Lane 0's address may lie outside the plane (padding): masked-off lanes are never
-      // read, and a load with no lane set reads nothing.
-      return _mm512_maskz_loadu_ps(inside, plane + row_offsets_[v * s_.kh + dy] + dx * s_.dw);
-    }
-    const __m512i iy = _mm512_add_epi32(row_[v], _mm512_set1_epi32(static_cast<int32_t>(dy * s_.dh)));
-    const __m512i ix = _mm512_add_epi32(col_[v], _mm512_set1_epi32(static_cast<int32_t>(dx * s_.dw)));
-    // Unsigned compares: negative coordinates (top and left padding) fail them too.
-    const __mmask16 inside = _mm512_mask_cmplt_epu32_mask(live_[v], iy, height_vector()) &
-                             _mm512_cmplt_epu32_mask(ix, width_vector());
-    const __m512i offsets = _mm512_add_epi32(_mm512_mullo_epi32(iy, width_vector()), ix);
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, offsets, plane, 4);
-  }
-
-  __mmask16 live(int v) const { return live_[v]; }
 
  private:
-  __m512i height_vector() const { return _mm512_set1_epi32(static_cast<int32_t>(s_.height)); }
-  __m512i width_vector() const { return _mm512_set1_epi32(static_cast<int32_t>(s_.width)); }
+  struct Tile {
+    const BlockReader<kBlockVectors>& reader;
+    const Block& blk;
+    int64_t read_begin, read_end;
+    float *tile, *acc;
+    bool check;
+  };
 
-  const ConvShape& s_;
-  __m512i row_[kVecs], col_[kVecs];  // oy * sh - ph, ox * sw - pw per lane
-  __mmask16 live_[kVecs];            // lanes holding a pixel of the image (a prefix)
-  bool one_row_[kVecs];
-  std::vector<int64_t> row_offsets_;
-  std::vector<__mmask16> row_lanes_, col_lanes_;
-  int64_t read_begin_ = 0, read_end_ = 0;
-};
-
-// tile[k - k_begin][pixel] for k in [k_begin, k_end) of one image's slice.
-template <int kVecs>
-void build_tile(const ConvShape& s, const SliceReader<kVecs>& reader, const float* x_img, int64_t k_begin,
-                int64_t k_end, float* tile) {
-  constexpr int kWidth = 16 * kVecs;
-  const int64_t taps = s.kh * s.kw, plane_size = s.height * s.width;
-  int64_t c = k_begin / taps, dy = (k_begin % taps) / s.kw, dx = k_begin % s.kw;
-  if (k_begin == 0) {
-    for (int64_t ahead = 0; ahead < std::min(kPrefetchChannels, s.channels); ++ahead) {
-      reader.prefetch(x_img + ahead * plane_size);
-    }
-  }
-  for (int64_t kk = k_begin; kk < k_end; ++kk) {
-    const float* plane = x_img + c * plane_size;
-    if ((kk == k_begin || (dy == 0 && dx == 0)) && c + kPrefetchChannels < s.channels) {
-      reader.prefetch(plane + kPrefetchChannels * plane_size);
-    }
-    float* out = tile + (kk - k_begin) * kWidth;
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(out + 16 * v, reader.load(plane, v, dy, dx));
-    if (++dx == s.kw) {
-      dx = 0;
-      if (++dy == s.kh) {
-        dy = 0;
-        ++c;
-      }
-    }
-  }
-}
-
-template <int kVecs>
-void conv_tasks_avx512(PanelPlanCheck& check, const ConvShape& s, const float* x, const float* values,
-                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, const float* bias, float* y,
-                       int64_t task_begin, int64_t task_end) {
-  constexpr int kWidth = 16 * kVecs;
-  const int64_t pixels = s.pixels(), slices = ceil_div(pixels, kWidth), panels = panel_count(s.k, panel);
-  const int64_t group_size = std::min(kGroupRows, s.n);
-  Scratch tile_scratch(std::min(panel, s.k) * kWidth), acc_scratch(group_size * kWidth);
-  float* tile = tile_scratch.data;
-  float* acc_rows = acc_scratch.data;
-  SliceReader<kVecs> reader(s);
-  for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t img = task / slices, first_pixel = (task % slices) * kWidth;
-    reader.start(first_pixel);
-    const float* x_img = x + img * s.channels * s.height * s.width;
-    for (int64_t group = 0; group < s.n; group += kGroupRows) {
-      const int64_t group_end = std::min(s.n, group + kGroupRows);
-      std::memset(acc_rows, 0, (group_end - group) * kWidth * sizeof(float));
+  // One block of kVecs vectors (its images' together): y at its pixels, false where a plan
+  // segment failed its check.
+  template <int kVecs>
+  bool block(const Tile& t) const {
+    constexpr int kWidth = 16 * kVecs;
+    const Block& blk = t.blk;
+    const int64_t pixels = s_.pixels(), panels = panel_count(s_.k, panel_);
+    const int64_t last_lanes = std::min<int64_t>(16, pixels - blk.first_pixel - 16 * (blk.vectors - 1));
+    const auto tail = static_cast<__mmask16>(_bzhi_u32(0xFFFF, static_cast<unsigned>(last_lanes)));
+    const float* x_block = x_ + blk.image * s_.channels * s_.height * s_.width;
+    for (int64_t group = 0; group < s_.n; group += kGroupRows) {
+      const int64_t group_end = std::min(s_.n, group + kGroupRows);
+      std::memset(t.acc, 0, (group_end - group) * kWidth * sizeof(float));
       for (int64_t p = 0; p < panels; ++p) {
-        build_tile<kVecs>(s, reader, x_img, p * panel, std::min(s.k, (p + 1) * panel), tile);
-        const int64_t* segment = row_ptr + p * s.n;
-        const int64_t width = check.width(p);
-        // Every task reads every segment: the first task of each thread checks them.
-        if (task == task_begin && !rows_bounds_ok_avx512(segment, group, group_end, check.nnz())) return check.fail();
+        build_tile(s_, t.reader, blk, x_block, p * panel_, std::min(s_.k, (p + 1) * panel_), t.read_begin,
+                   t.read_end, t.tile);
+        const int64_t* segment = row_ptr_ + p * s_.n;
+        const int64_t width = check_.width(p);
+        // Every block reads every segment: the first block of each thread checks them.
+        if (t.check && !rows_bounds_ok_avx512(segment, group, group_end, check_.nnz())) return false;
         for (int64_t row = group; row < group_end; ++row) {
-          if (task == task_begin && !segment_offsets_ok_avx512(cols, segment[row], segment[row + 1], width)) {
-            return check.fail();
-          }
+          if (t.check && !segment_offsets_ok_avx512(cols_, segment[row], segment[row + 1], width)) return false;
           if (segment[row] == segment[row + 1]) continue;
-          add_segment_avx512<kVecs>(values, cols, segment[row], segment[row + 1], tile,
-                                    acc_rows + (row - group) * kWidth);
+          add_segment_avx512<kVecs>(values_, cols_, segment[row], segment[row + 1], t.tile,
+                                    t.acc + (row - group) * kWidth);
         }
       }
       for (int64_t row = group; row < group_end; ++row) {
-        const __m512 shift = bias != nullptr ? _mm512_set1_ps(bias[row]) : _mm512_setzero_ps();
-        float* out = y + (img * s.n + row) * pixels + first_pixel;
-#pragma GCC unroll 4
-        for (int v = 0; v < kVecs; ++v) {
-          const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(acc_rows + (row - group) * kWidth + 16 * v), shift);
-          _mm512_mask_storeu_ps(out + 16 * v, reader.live(v), sum);
+        const __m512 shift = bias_ != nullptr ? _mm512_set1_ps(bias_[row]) : _mm512_setzero_ps();
+        const float* sums = t.acc + (row - group) * kWidth;
+        for (int64_t image = 0; image < blk.images; ++image) {
+          float* out = y_ + ((blk.image + image) * s_.n + row) * pixels + blk.first_pixel;
+          for (int64_t v = 0; v < blk.vectors; ++v) {
+            const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(sums + (image * blk.vectors + v) * 16), shift);
+            if (v + 1 < blk.vectors) {
+              _mm512_storeu_ps(out + 16 * v, sum);
+            } else {
+              _mm512_mask_storeu_ps(out + 16 * v, tail, sum);
+            }
+          }
         }
       }
     }
+    return true;
   }
-}
+
+  PanelPlanCheck& check_;
+  const ConvShape& s_;
+  const float* x_;
+  const float* values_;
+  const int64_t* row_ptr_;
+  const int16_t* cols_;
+  int64_t panel_;
+  const float* bias_;
+  float* y_;
+  BlockLayout layout_;
+};
 
 void conv_float_avx512(PanelPlanCheck& check, const ConvShape& s, const float* x, const float* values,
                        const int64_t* row_ptr, const int16_t* cols, int64_t panel, const float* bias, float* y) {
-  const int vecs = vectors_for(s.pixels());
-  const int64_t tasks = s.batch * ceil_div(s.pixels(), 16 * vecs);
-  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    switch (vecs) {
-      case 4: return conv_tasks_avx512<4>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);
-      case 2: return conv_tasks_avx512<2>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);
-      default: return conv_tasks_avx512<1>(check, s, x, values, row_ptr, cols, panel, bias, y, begin, end);
-    }
-  });
+  const ConvAvx512 kernel(check, s, x, values, row_ptr, cols, panel, bias, y);
+  parallel_for(0, kernel.blocks(), 1, [&](int64_t begin, int64_t end) { kernel.run(begin, end); });
 }
 
 #pragma GCC pop_options
@@ -306,9 +230,7 @@ at::Tensor conv2d_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
-  // The tile builder's lane offsets inside one channel plane are int32.
-  const bool plane_fits_int32 = s.height * s.width <= std::numeric_limits<int32_t>::max();
-  if (runs_in_float(x.scalar_type()) && has_avx512() && plane_fits_int32) {
+  if (runs_in_float(x.scalar_type()) && has_avx512() && lanes_fit_int32(s)) {
     const at::Tensor x_float = as_float(x), values_float = as_float(values), bias_float = as_float(bias);
     at::Tensor y_float = x.scalar_type() == at::kFloat ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
     conv_float_avx512(check, s, x_float.const_data_ptr<float>(), values_float.const_data_ptr<float>(), starts,

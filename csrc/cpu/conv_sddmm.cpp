@@ -27,17 +27,11 @@
 #include <vector>
 
 #include "matmul.h"
+#include "conv_tiles.h"
 #include "panels.h"
 
 namespace dynasparse {
 namespace {
-
-struct SddmmShape {
-  int64_t batch, channels, height, width;
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-  int64_t out_h, out_w, n, k;
-  int64_t pixels() const { return out_h * out_w; }
-};
 
 // Outputs o in [0, count) whose input o * stride + offset lies in [0, size): [first, end).
 struct Reach {
@@ -50,19 +44,11 @@ inline Reach reach(int64_t count, int64_t size, int64_t stride, int64_t offset) 
   return {first, std::max(first, end)};
 }
 
-// The tile builder computes input coordinates (from -padding to the last tap's reach) and
-// offsets inside one channel plane in int32 lanes.
-inline bool lanes_fit_int32(const SddmmShape& s) {
-  constexpr int64_t limit = std::numeric_limits<int32_t>::max();
-  const int64_t reach_h = (s.out_h - 1) * s.sh + (s.kh - 1) * s.dh, reach_w = (s.out_w - 1) * s.sw + (s.kw - 1) * s.dw;
-  return s.height * s.width <= limit && s.ph <= limit && s.pw <= limit && reach_h <= limit && reach_w <= limit;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Generic.
 
 template <typename scalar_t>
-void sddmm_generic(PanelPlanCheck& check, const SddmmShape& s, const scalar_t* g, const scalar_t* x,
+void sddmm_generic(PanelPlanCheck& check, const ConvShape& s, const scalar_t* g, const scalar_t* x,
                    const int64_t* row_ptr, const int16_t* cols, int64_t panel, scalar_t* values) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t taps = s.kh * s.kw, pixels = s.pixels(), plane = s.height * s.width;
@@ -115,141 +101,6 @@ constexpr int64_t kBlockVectors = 32;
 constexpr int64_t kTileColumns = 64;
 // Parallel tasks (each with its own copy of the values): enough to balance a few threads.
 constexpr int64_t kTasks = 8;
-// Channels ahead of the tile builder whose inputs are prefetched (planes lie H * W floats
-// apart, a stride no hardware prefetcher follows).
-constexpr int64_t kPrefetchChannels = 4;
-// A vector of 16 consecutive output pixels spans at most this many output rows where rows are
-// at least 8 wide; narrower outputs gather.
-constexpr int kSegments = 3;
-
-// Pixels [first, first + 16 * vectors) of one image, the same in every image of a block.
-class BlockReader {
- public:
-  explicit BlockReader(const SddmmShape& s)
-      : s_(s), contiguous_(s.sw == 1 && s.out_w >= 8), taps_(s.kh * s.kw),
-        offsets_(taps_ * kSegments * kBlockVectors), lanes_(taps_ * kSegments * kBlockVectors),
-        segments_(taps_), row_index_(s.kh * kBlockVectors * 16), row_lanes_(s.kh * kBlockVectors),
-        col_index_(s.kw * kBlockVectors * 16), col_lanes_(s.kw * kBlockVectors) {}
-
-  void start(int64_t first_pixel, int64_t vectors) {
-    vectors_ = vectors;
-    const int64_t pixels = s_.pixels();
-    for (int64_t v = 0; v < vectors; ++v) {
-      alignas(64) int32_t oy[16], ox[16];
-      __mmask16 live = 0;
-      for (int t = 0; t < 16; ++t) {
-        const int64_t q = first_pixel + 16 * v + t;
-        oy[t] = static_cast<int32_t>(q < pixels ? q / s_.out_w : 0);
-        ox[t] = static_cast<int32_t>(q < pixels ? q % s_.out_w : 0);
-        if (q < pixels) live |= static_cast<__mmask16>(1u << t);
-      }
-      const __m512i oy_v = _mm512_load_si512(oy), ox_v = _mm512_load_si512(ox);
-      for (int64_t dy = 0; dy < s_.kh; ++dy) {
-        const __m512i iy = _mm512_add_epi32(_mm512_mullo_epi32(oy_v, _mm512_set1_epi32(static_cast<int32_t>(s_.sh))),
-                                            _mm512_set1_epi32(static_cast<int32_t>(dy * s_.dh - s_.ph)));
-        // Unsigned compares: negative coordinates (top and left padding) fail them too.
-        row_lanes_[dy * kBlockVectors + v] =
-            _mm512_mask_cmplt_epu32_mask(live, iy, _mm512_set1_epi32(static_cast<int32_t>(s_.height)));
-        _mm512_storeu_si512(&row_index_[(dy * kBlockVectors + v) * 16],
-                            _mm512_mullo_epi32(iy, _mm512_set1_epi32(static_cast<int32_t>(s_.width))));
-      }
-      for (int64_t dx = 0; dx < s_.kw; ++dx) {
-        const __m512i ix = _mm512_add_epi32(_mm512_mullo_epi32(ox_v, _mm512_set1_epi32(static_cast<int32_t>(s_.sw))),
-                                            _mm512_set1_epi32(static_cast<int32_t>(dx * s_.dw - s_.pw)));
-        col_lanes_[dx * kBlockVectors + v] =
-            _mm512_cmplt_epu32_mask(ix, _mm512_set1_epi32(static_cast<int32_t>(s_.width)));
-        _mm512_storeu_si512(&col_index_[(dx * kBlockVectors + v) * 16], ix);
-      }
-      if (contiguous_) segment(v, oy, ox, live);
-    }
-    first_pixel_ = first_pixel;
-  }
-
-  // out[v][0, 16) for every vector v: one channel plane at kernel tap `tap` = (dy, dx), zero
-  // outside it.
-  __attribute__((always_inline)) void copy(const float* plane, int64_t tap, int64_t dy, int64_t dx,
-                                           float* out) const {
-    if (contiguous_) {
-      // Lane 0's address may lie outside the plane (padding): masked-off lanes are never
-      // read, and a load with no lane set reads nothing.
-      const int64_t* offsets = &offsets_[tap * kSegments * kBlockVectors];
-      const __mmask16* lanes = &lanes_[tap * kSegments * kBlockVectors];
-      if (segments_[tap] == 1) {
-        for (int64_t v = 0; v < vectors_; ++v) {
-          _mm512_storeu_ps(out + 16 * v, _mm512_maskz_loadu_ps(lanes[v], plane + offsets[v]));
-        }
-        return;
-      }
-      for (int64_t v = 0; v < vectors_; ++v) {
-        __m512 row = _mm512_maskz_loadu_ps(lanes[v], plane + offsets[v]);
-        row = _mm512_mask_loadu_ps(row, lanes[v + kBlockVectors], plane + offsets[v + kBlockVectors]);
-        row = _mm512_mask_loadu_ps(row, lanes[v + 2 * kBlockVectors], plane + offsets[v + 2 * kBlockVectors]);
-        _mm512_storeu_ps(out + 16 * v, row);
-      }
-      return;
-    }
-    for (int64_t v = 0; v < vectors_; ++v) {
-      const __mmask16 inside = row_lanes_[dy * kBlockVectors + v] & col_lanes_[dx * kBlockVectors + v];
-      const __m512i index = _mm512_add_epi32(_mm512_loadu_si512(&row_index_[(dy * kBlockVectors + v) * 16]),
-                                             _mm512_loadu_si512(&col_index_[(dx * kBlockVectors + v) * 16]));
-      _mm512_storeu_ps(out + 16 * v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, index, plane, 4));
-    }
-  }
-
-  // The plane range [begin, end) this block reads, for prefetching.
-  void read_range(int64_t* begin, int64_t* end) const {
-    const int64_t last = std::min(s_.pixels(), first_pixel_ + 16 * vectors_) - 1;
-    const int64_t top = (first_pixel_ / s_.out_w) * s_.sh - s_.ph;
-    const int64_t bottom = (last / s_.out_w) * s_.sh - s_.ph + (s_.kh - 1) * s_.dh;
-    *begin = std::clamp<int64_t>(top, 0, s_.height) * s_.width;
-    *end = std::max(*begin, (std::clamp<int64_t>(bottom, -1, s_.height - 1) + 1) * s_.width);
-  }
-
- private:
-  // Stride 1 along rows: the lanes of one output row read consecutive inputs, so per tap a
-  // vector is one masked load per output row it spans, at a lane-shifted address; where the
-  // input is as wide as the output the shifts agree and one load serves every row.
-  void segment(int64_t v, const int32_t* oy, const int32_t* ox, __mmask16 live) {
-    for (int64_t dy = 0; dy < s_.kh; ++dy) {
-      for (int64_t dx = 0; dx < s_.kw; ++dx) {
-        const int64_t tap = dy * s_.kw + dx;
-        const __mmask16 inside = row_lanes_[dy * kBlockVectors + v] & col_lanes_[dx * kBlockVectors + v];
-        int count = 0;
-        int64_t offsets[kSegments] = {0, 0, 0};
-        __mmask16 lanes[kSegments] = {0, 0, 0};
-        for (int t = 0; t < 16; ++t) {
-          if (!((live >> t) & 1)) continue;
-          const int64_t offset =
-              (oy[t] * s_.sh + dy * s_.dh - s_.ph) * s_.width + ox[t] + dx * s_.dw - s_.pw - t;
-          int which = 0;
-          while (which < count && offsets[which] != offset) ++which;
-          if (which == count) offsets[count++] = offset;
-          lanes[which] |= static_cast<__mmask16>(inside & (1u << t));
-        }
-        for (int which = 0; which < kSegments; ++which) {
-          const int64_t e = (tap * kSegments + which) * kBlockVectors + v;
-          offsets_[e] = offsets[which < count ? which : 0];
-          lanes_[e] = lanes[which];
-        }
-        if (v == 0) segments_[tap] = 0;
-        segments_[tap] = std::max(segments_[tap], count);
-      }
-    }
-  }
-
-  const SddmmShape& s_;
-  const bool contiguous_;
-  const int64_t taps_;
-  int64_t first_pixel_ = 0, vectors_ = 0;
-  std::vector<int64_t> offsets_;  // [tap][segment][vector]
-  std::vector<__mmask16> lanes_;
-  std::vector<int> segments_;      // per tap, the most any vector needs
-  std::vector<int32_t> row_index_;  // [dy][vector][lane]: iy * W
-  std::vector<__mmask16> row_lanes_;
-  std::vector<int32_t> col_index_;  // [dx][vector][lane]: ix
-  std::vector<__mmask16> col_lanes_;
-};
-
 // Sums of eight vectors, element t the sum of vector t, in a fixed order. By value: given the
 // accumulators' address, GCC 12 keeps them in memory and stores all of them on every FMA step.
 __attribute__((always_inline)) inline __m256 sum8(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5,
@@ -320,50 +171,25 @@ __attribute__((always_inline)) inline void add_nonzeros(int64_t count, const flo
 #undef DYNASPARSE_ADD_GROUP
 }
 
-struct Block {
-  int64_t image, images, first_pixel, vectors;  // vectors per image
-};
-
 class SddmmAvx512 {
  public:
-  SddmmAvx512(const SddmmShape& s, const float* g, const float* x, const int16_t* cols, int64_t panel,
+  SddmmAvx512(const ConvShape& s, const float* g, const float* x, const int16_t* cols, int64_t panel,
               const int64_t* cuts)
       : s_(s), g_(g), x_(x), cols_(cols), panel_(panel), cuts_(cuts), subtiles_(ceil_div(panel, kTileColumns)),
-        image_vectors_(ceil_div(s.pixels(), 16)) {
-    if (image_vectors_ >= kBlockVectors) {
-      images_per_block_ = 1;
-      blocks_per_image_ = ceil_div(image_vectors_, kBlockVectors);
-      blocks_ = s.batch * blocks_per_image_;
-    } else {
-      images_per_block_ = kBlockVectors / image_vectors_;
-      blocks_per_image_ = 1;
-      blocks_ = ceil_div(s.batch, images_per_block_);
-    }
-  }
+        layout_(s, kBlockVectors) {}
 
-  int64_t blocks() const { return blocks_; }
-
-  // Blocks at one pixel position of every image in turn: the reader's tables (which depend on
-  // the position alone) are built once per position.
-  Block block(int64_t index) const {
-    if (images_per_block_ == 1) {
-      const int64_t first = (index / s_.batch) * kBlockVectors;
-      return {index % s_.batch, 1, 16 * first, std::min(kBlockVectors, image_vectors_ - first)};
-    }
-    const int64_t image = index * images_per_block_;
-    return {image, std::min(images_per_block_, s_.batch - image), 0, image_vectors_};
-  }
+  int64_t blocks() const { return layout_.blocks(); }
 
   // Adds blocks [begin, end) into out (the values, in plan order).
   void run(int64_t begin, int64_t end, float* out) const {
-    BlockReader reader(s_);
+    BlockReader<kBlockVectors> reader(s_);
     Scratch tile_scratch(kTileColumns * kBlockVectors * 16);
     float* tile = tile_scratch.data;
     const int64_t plane = s_.height * s_.width, pixels = s_.pixels();
     const int64_t panels = panel_count(s_.k, panel_);
     int64_t read_begin = 0, read_end = 0, position = -1;
     for (int64_t index = begin; index < end; ++index) {
-      const Block blk = block(index);
+      const Block blk = layout_.block(index);
       if (blk.first_pixel != position) {
         position = blk.first_pixel;
         reader.start(blk.first_pixel, blk.vectors);
@@ -378,7 +204,7 @@ class SddmmAvx512 {
         for (int64_t t = 0; t * kTileColumns < width; ++t) {
           const int64_t k_begin = p * panel_ + t * kTileColumns;
           const int64_t k_end = p * panel_ + std::min(width, (t + 1) * kTileColumns);
-          build_tile(reader, blk, x_block, k_begin, k_end, read_begin, read_end, tile);
+          build_tile(s_, reader, blk, x_block, k_begin, k_end, read_begin, read_end, tile);
           const float* g_block = g_ + blk.image * s_.n * pixels + blk.first_pixel;
           for (int64_t row = 0; row < s_.n; ++row) {
             const int64_t* cut = cuts_ + (p * s_.n + row) * (subtiles_ + 1) + t;
@@ -394,43 +220,14 @@ class SddmmAvx512 {
   }
 
  private:
-  // tile[k - k_begin][image][vector] for k in [k_begin, k_end).
-  void build_tile(const BlockReader& reader, const Block& blk, const float* x_block, int64_t k_begin, int64_t k_end,
-                  int64_t read_begin, int64_t read_end, float* tile) const {
-    const int64_t taps = s_.kh * s_.kw, plane = s_.height * s_.width, image_stride = s_.channels * plane;
-    // Each tap of channel c prefetches its share of channel c + kPrefetchChannels: all of it at
-    // once, a few KiB, overruns the line fill buffers and stalls the copies.
-    const int64_t share = ceil_div(ceil_div(read_end - read_begin, taps), 16) * 16;
-    int64_t c = k_begin / taps, tap = k_begin % taps;
-    for (int64_t kk = k_begin; kk < k_end; ++kk) {
-      const int64_t dy = tap / s_.kw, dx = tap % s_.kw;
-      if (c + kPrefetchChannels < s_.channels) {
-        const int64_t first = read_begin + tap * share, last = std::min(read_end, first + share);
-        for (int64_t image = 0; image < blk.images; ++image) {
-          const float* ahead = x_block + image * image_stride + (c + kPrefetchChannels) * plane;
-          for (int64_t q = first; q < last; q += 16) {
-            _mm_prefetch(reinterpret_cast<const char*>(ahead + q), _MM_HINT_T0);
-          }
-        }
-      }
-      float* out = tile + (kk - k_begin) * blk.images * blk.vectors * 16;
-      for (int64_t image = 0; image < blk.images; ++image) {
-        reader.copy(x_block + image * image_stride + c * plane, tap, dy, dx, out + image * blk.vectors * 16);
-      }
-      if (++tap == taps) {
-        tap = 0;
-        ++c;
-      }
-    }
-  }
-
-  const SddmmShape& s_;
+  const ConvShape& s_;
   const float* g_;
   const float* x_;
   const int16_t* cols_;
   int64_t panel_;
   const int64_t* cuts_;
-  int64_t subtiles_, image_vectors_, images_per_block_, blocks_per_image_, blocks_;
+  int64_t subtiles_;
+  BlockLayout layout_;
 };
 
 // cuts[(p * n + row) * (subtiles + 1) + t]: where the nonzeros of segment (p, row) at column
@@ -462,7 +259,7 @@ void plan_cuts_avx512(PanelPlanCheck& check, int64_t subtiles, int64_t* cuts) {
   });
 }
 
-void sddmm_float_avx512(PanelPlanCheck& check, const SddmmShape& s, const float* g, const float* x, int64_t panel,
+void sddmm_float_avx512(PanelPlanCheck& check, const ConvShape& s, const float* g, const float* x, int64_t panel,
                         float* values) {
   const int64_t subtiles = ceil_div(panel, kTileColumns), nnz = check.nnz();
   std::vector<int64_t> cuts(check.panels() * s.n * (subtiles + 1));
@@ -500,7 +297,7 @@ at::Tensor conv2d_sddmm_panels_cpu(const at::Tensor& grad_out_in, const at::Tens
   check_conv2d_sddmm_panels(grad_out_in, x_in, row_ptr, cols, panel, kernel_size, stride, padding, dilation);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor x = x_in.contiguous();
-  SddmmShape s{};
+  ConvShape s{};
   s.batch = x.size(0), s.channels = x.size(1), s.height = x.size(2), s.width = x.size(3);
   s.kh = kernel_size[0], s.kw = kernel_size[1], s.sh = stride[0], s.sw = stride[1];
   s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];

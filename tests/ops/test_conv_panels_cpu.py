@@ -1,7 +1,8 @@
 """conv2d_panels (csrc/cpu/conv_panels.cpp), the implicit-GEMM convolution over a panel plan,
 against float64 F.conv2d of the masked weight: kernel sizes, strides, paddings, dilations,
-images narrower and wider than a pixel slice (the gather and the contiguous-load tile paths),
-several K-panels, every dtype; plus its errors, opcheck, compile and thread independence."""
+images narrower and wider than a pixel block, several small images per block, outputs
+narrower than a vector (one to three masked loads per vector, or a gather), several K-panels,
+every dtype; plus its errors, opcheck, compile and thread independence."""
 
 import pytest
 import torch
@@ -25,6 +26,16 @@ GEOMETRIES = [
     (2, 33, 17, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1)),  # K = 297: two panels of 256
     (1, 3, 4, 3, 40, (3, 3), (2, 1), (0, 1), (1, 2)),  # mixed per-dimension parameters
     (0, 2, 4, 6, 6, (3, 3), (1, 1), (0, 0), (1, 1)),  # empty batch
+    # Blocks of 4 vectors: several small images per block, the last block partial.
+    (7, 3, 6, 3, 5, (3, 3), (1, 1), (1, 1), (1, 1)),  # 15 pixels: 4 images per block, 7 images
+    (5, 4, 5, 5, 6, (3, 3), (1, 1), (1, 1), (1, 1)),  # 30 pixels: 2 images per block
+    (5, 3, 530, 3, 3, (1, 1), (1, 1), (0, 0), (1, 1)),  # batched images, two groups of W rows
+    # Outputs narrower than 16: a vector's lanes span output rows.
+    (3, 2, 5, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),  # input as wide as the output: one load
+    (3, 4, 6, 10, 10, (3, 3), (1, 1), (0, 0), (1, 1)),  # 8-wide output of a 10-wide input: two loads
+    (2, 3, 4, 7, 9, (3, 3), (1, 1), (1, 1), (1, 1)),  # 9-wide rows: three loads; 63 pixels
+    (4, 5, 6, 1, 40, (1, 3), (1, 1), (0, 1), (1, 1)),  # SparseConv1d's (1, k) view: 3 vectors
+    (3, 5, 6, 40, 1, (3, 1), (1, 1), (1, 0), (1, 1)),  # the (k, 1) view: 1-wide rows gather
 ]
 
 
@@ -77,14 +88,20 @@ def test_reference_matches_the_kernel():
     torch.testing.assert_close(ops.conv2d_panels(*args, backend="cpu"), reference.conv2d_panels(*args))
 
 
-def test_strided_input_and_threads_give_bitwise_equal_results():
+@pytest.mark.parametrize("geometry", [
+    (3, 19, 40, 20, 24, (3, 3), (1, 1), (1, 1), (1, 1)),  # 480 pixels: 8 blocks per image, the last partial
+    (9, 19, 40, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1)),  # 16 pixels: 3 blocks of 4 images, the last partial
+    (6, 19, 40, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),  # one block per image
+    (6, 19, 40, 1, 40, (1, 3), (1, 1), (0, 1), (1, 1)),  # SparseConv1d's view
+], ids=str)
+def test_strided_input_and_threads_give_bitwise_equal_results(geometry):
     """A non-contiguous x equals its contiguous copy, and 1 and 2 threads agree bitwise (each
     output element is summed in plan order whatever the split)."""
-    geometry = (3, 19, 40, 20, 24, (3, 3), (1, 1), (1, 1), (1, 1))
+    batch, channels, n, height, width = geometry[:5]
     x, values, row_ptr, cols, bias, masked, conv, kernel = conv_case(geometry, 0.7, torch.float32, 256)
-    strided = torch.randn(3, 20, 24, 2 * 19).transpose(1, 3)[:, ::2].transpose(2, 3)
+    strided = torch.randn(batch, height, width, 2 * channels).transpose(1, 3)[:, ::2].transpose(2, 3)
     strided.copy_(x)
-    args = (values, row_ptr, cols, 256, 40, kernel, conv["stride"], conv["padding"], conv["dilation"], bias)
+    args = (values, row_ptr, cols, 256, n, kernel, conv["stride"], conv["padding"], conv["dilation"], bias)
     threads = torch.get_num_threads()
     results = []
     try:
