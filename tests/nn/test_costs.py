@@ -156,6 +156,26 @@ def test_choices_persist_per_machine_in_the_file(cost_model, tmp_path):
     assert json.loads((tmp_path / "costs.json").read_text())["machines"] == {}
 
 
+def test_a_rebuilt_library_measures_again_and_drops_the_old_builds_choices(cost_model, tmp_path, monkeypatch):
+    _, state = cost_model
+    with torch.no_grad():
+        SparseLinear(16, 8, sparsity=0.5, backend="auto")(torch.randn(2, 16))
+    assert " | kernels " in costs.machine() and state["measured"] == 1
+    other = {"SparseLinear|elsewhere": {"sparse_s": 1.0, "dense_s": 2.0, "choice": "sparse", "load": 0.0}}
+    content = json.loads((tmp_path / "costs.json").read_text())
+    content["machines"]["Another CPU | 64 cores | torch 9 | kernels 1-2"] = other
+    (tmp_path / "costs.json").write_text(json.dumps(content))
+    old_build = costs.machine()
+    monkeypatch.setattr(costs, "_kernels_build", lambda: "rebuilt")
+    costs.use_cost_file(tmp_path / "costs.json")
+    with torch.no_grad():
+        SparseLinear(16, 8, sparsity=0.5, backend="auto")(torch.randn(2, 16))
+    assert state["measured"] == 2, "the choice of another build of the kernels was reused"
+    machines = json.loads((tmp_path / "costs.json").read_text())["machines"]
+    assert costs.machine() in machines and old_build not in machines
+    assert machines["Another CPU | 64 cores | torch 9 | kernels 1-2"] == other  # other machines stay
+
+
 @pytest.mark.parametrize("measured_at, now, measures_again", [
     (2.5, 1.25, True), (2.5, 1.3, False), (0.9, 0.1, False), (None, 0.5, True), (3.0, None, False),
 ], ids=["busy-then-quiet", "busy-then-busy", "quiet-then", "unrecorded-load", "load-unknown-now"])

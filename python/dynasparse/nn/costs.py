@@ -22,7 +22,9 @@ The default backend starts as $DYNASPARSE_BACKEND ("auto" when unset).
 
 The file: $DYNASPARSE_COST_CACHE if set ("" keeps the model in memory only), else
 ~/.cache/dynasparse/costs.json; one section per machine (CPU model, core count, torch
-version), so a home directory shared between machines keeps each machine's own choices.
+version) and build of the native kernels, so a home directory shared between machines keeps
+each machine's own choices, and a rebuilt or upgraded library measures again (the section of
+the old build is dropped at the next write).
 Delete it (or call `COSTS.clear()`) to measure again. Each entry keeps the machine's load
 (runnable processes per core over the last minute) when it was measured: a process finding an
 entry that was measured on a busy machine (load above 1) while the machine is now at most half
@@ -97,8 +99,19 @@ def backend_default(backend: str) -> Iterator[None]:
         set_default_backend(previous)
 
 
-def machine() -> str:
-    """This machine as the cost file names it: CPU model, cores, torch version."""
+def _kernels_build() -> str:
+    """The native library's identity (its file's size and modification time): the choices
+    measured the kernels of one build, and a rebuild or an upgrade changes their speed."""
+    from .. import _C
+
+    try:
+        status = os.stat(_C.__file__)
+    except (OSError, AttributeError, TypeError):
+        return "unknown"
+    return f"{status.st_size:x}-{int(status.st_mtime)}"
+
+
+def _machine_only() -> str:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -106,6 +119,12 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{model} | {os.cpu_count()} cores | torch {torch.__version__}"
+
+
+def machine() -> str:
+    """This machine as the cost file names it: CPU model, cores, torch version, and the build
+    of the native kernels."""
+    return f"{_machine_only()} | kernels {_kernels_build()}"
 
 
 def machine_load() -> float | None:
@@ -209,8 +228,13 @@ class CostModel:
                     previous = json.loads(self.path.read_text())
                     if previous.get("format") == FORMAT:
                         content = previous
-            # Entries other processes wrote meanwhile are kept; ours win on the same key.
-            content["machines"][self._machine] = {**content["machines"].get(self._machine, {}), **self._entries}
+            # Entries other processes wrote meanwhile are kept; ours win on the same key. Sections
+            # of this machine measured with another build of the kernels are stale: dropped.
+            machines = content["machines"]
+            stale_prefix = self._machine.rsplit(" | kernels ", 1)[0] + " | "
+            for name in [name for name in machines if name.startswith(stale_prefix) and name != self._machine]:
+                del machines[name]
+            machines[self._machine] = {**machines.get(self._machine, {}), **self._entries}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".costs-", suffix=".json")
             with os.fdopen(handle, "w") as file:
