@@ -110,14 +110,10 @@ class ConvAvx512 {
   void run(int64_t begin, int64_t end) const {
     BlockReader<kBlockVectors> reader(s_);
     Scratch tile(std::min(panel_, s_.k) * kBlockVectors * 16), acc(std::min(kGroupRows, s_.n) * kBlockVectors * 16);
-    int64_t read_begin = 0, read_end = 0, position = -1;
+    int64_t read_begin = 0, read_end = 0;
     for (int64_t index = begin; index < end; ++index) {
       const Block blk = layout_.block(index);
-      if (blk.first_pixel != position) {
-        position = blk.first_pixel;
-        reader.start(blk.first_pixel, blk.vectors);
-        reader.read_range(&read_begin, &read_end);
-      }
+      reader.move_to(blk.first_pixel, blk.vectors, &read_begin, &read_end);
       const Tile t{reader, blk, read_begin, read_end, tile.data, acc.data, index == begin};
       bool ok;
       switch (blk.images * blk.vectors) {

@@ -187,14 +187,10 @@ class SddmmAvx512 {
     float* tile = tile_scratch.data;
     const int64_t plane = s_.height * s_.width, pixels = s_.pixels();
     const int64_t panels = panel_count(s_.k, panel_);
-    int64_t read_begin = 0, read_end = 0, position = -1;
+    int64_t read_begin = 0, read_end = 0;
     for (int64_t index = begin; index < end; ++index) {
       const Block blk = layout_.block(index);
-      if (blk.first_pixel != position) {
-        position = blk.first_pixel;
-        reader.start(blk.first_pixel, blk.vectors);
-        reader.read_range(&read_begin, &read_end);
-      }
+      reader.move_to(blk.first_pixel, blk.vectors, &read_begin, &read_end);
       const int64_t tile_row = blk.images * blk.vectors * 16;
       const int64_t last_lanes = std::min<int64_t>(16, pixels - blk.first_pixel - 16 * (blk.vectors - 1));
       const auto tail = static_cast<__mmask16>(_bzhi_u32(0xFFFF, static_cast<unsigned>(last_lanes)));

@@ -181,6 +181,15 @@ class BlockReader {
     }
   }
 
+  // Tables for the block at `first_pixel` and its read range (see read_range), rebuilt only
+  // when the position changes: consecutive blocks of a task at one position share them.
+  void move_to(int64_t first_pixel, int64_t vectors, int64_t* begin, int64_t* end) {
+    if (first_pixel == position_) return;
+    position_ = first_pixel;
+    start(first_pixel, vectors);
+    read_range(begin, end);
+  }
+
   // The plane range [begin, end) this block reads, for prefetching.
   void read_range(int64_t* begin, int64_t* end) const {
     const int64_t last = std::min(s_.pixels(), first_pixel_ + 16 * vectors_) - 1;
@@ -236,6 +245,7 @@ class BlockReader {
   const bool contiguous_;
   const int64_t taps_;
   int64_t first_pixel_ = 0, vectors_ = 0;
+  int64_t position_ = -1;  // the first pixel move_to last set up
   std::vector<int64_t> offsets_;  // [tap][segment][vector]
   std::vector<__mmask16> lanes_;
   std::vector<int> segments_;      // per tap, the most any vector needs

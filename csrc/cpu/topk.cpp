@@ -137,6 +137,18 @@ std::vector<Chunk> split_into_chunks(const std::vector<int64_t>& numels) {
   return chunks;
 }
 
+// Runs `process(chunk)` over every chunk on the thread pool. Threads claim chunks one at a
+// time, so one that the OS preempts (these machines are shared) leaves its remaining chunks
+// to the others instead of holding them up.
+template <typename F>
+void run_chunks(const std::vector<Chunk>& chunks, const F& process) {
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(chunks.size());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < count; c = next++) process(chunks[c]);
+  });
+}
+
 template <typename scalar_t>
 class RadixSelect {
   using Traits = Keys<scalar_t>;
@@ -308,16 +320,9 @@ class RadixSelect {
     return counts;
   }
 
-  // Runs `process(chunk)` over every chunk on the thread pool. Threads claim chunks one at
-  // a time, so one that the OS preempts (these machines are shared) leaves its remaining
-  // chunks to the others instead of holding them up.
   template <typename F>
   void for_each_chunk(const F& process) const {
-    std::atomic<int64_t> next{0};
-    const int64_t chunks = static_cast<int64_t>(chunks_.size());
-    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
-      for (int64_t c = next++; c < chunks; c = next++) process(chunks_[c]);
-    });
+    run_chunks(chunks_, process);
   }
 
   int64_t index_of(const Chunk& chunk) const { return &chunk - chunks_.data(); }
@@ -908,11 +913,7 @@ class RiglSelect {
 
   template <typename F>
   void for_each_chunk(const F& process) const {
-    std::atomic<int64_t> next{0};
-    const int64_t chunks = static_cast<int64_t>(chunks_.size());
-    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
-      for (int64_t c = next++; c < chunks; c = next++) process(chunks_[c]);
-    });
+    run_chunks(chunks_, process);
   }
 
   int64_t index_of(const Chunk& chunk) const { return &chunk - chunks_.data(); }
