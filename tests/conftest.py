@@ -35,6 +35,18 @@ def pytest_report_header(config):
     return ["dynasparse backends:"] + ["  " + line for line in dynasparse.format_backends().splitlines()]
 
 
+@pytest.fixture(params=dynasparse.dispatch.CPU_ISAS)
+def cpu_isa(request):
+    """Each vector instruction set of the CPU kernels in turn, capped for the test (one this
+    CPU lacks skips): an AVX-512 machine tests the AVX2 and portable kernels too."""
+    levels = dynasparse.dispatch.CPU_ISAS
+    detected = dynasparse._C.detected_cpu_isa()
+    if levels.index(request.param) > levels.index(detected):
+        pytest.skip(f"this CPU runs at most the {detected} kernels")
+    with dynasparse.cpu_isa_cap(request.param) as level:
+        yield level
+
+
 # As a bool byte it is neither False (0) nor True (1).
 POISON_BYTE = 0x5A
 

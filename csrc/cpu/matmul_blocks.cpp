@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "half_as_float.h"
 #include "matmul.h"
 #include "parallel.h"
@@ -46,19 +47,14 @@ constexpr int64_t kSmallBatch = 8;
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return ceil_div(value, multiple) * multiple; }
 
-bool cpu_has_avx512() {
-#ifdef DYNASPARSE_AVX512_KERNELS
-  static const bool supported = __builtin_cpu_supports("avx512f");
-  return supported;
-#else
-  return false;
-#endif
-}
-
 bool fast_block(int64_t block) { return block == 16 || block == 32 || block == 64; }
 
 bool use_fast_path(at::ScalarType dtype, int64_t block) {
-  return runs_in_float(dtype) && fast_block(block) && cpu_has_avx512();
+  #ifdef DYNASPARSE_AVX512_KERNELS
+  return runs_in_float(dtype) && fast_block(block) && has_avx512();
+#else
+  return false;
+#endif
 }
 
 // x (..., K) as [rows, K]; the kernels take its strides, so a view is enough. The row count is

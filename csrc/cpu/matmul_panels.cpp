@@ -1,13 +1,14 @@
 // CPU kernels of the masked matmul's panel plan (layout in csrc/ops.cpp): plan building, value
 // packing, y = x @ W.T and the masked weight gradient.
 //
-// fp32 products run AVX-512 kernels (selected at run time, so the build needs no -march flag);
-// other dtypes, and CPUs without AVX-512, run a scalar kernel accumulating in float (half
-// types) or the dtype itself. Every output element is summed in an order fixed by the plan and
-// the batch size alone, so results do not depend on the thread count.
+// fp32 (and widened half-precision) products run AVX-512 kernels, or AVX2 ones on x86 CPUs
+// without AVX-512 (cpu_isa.h); other dtypes, and other CPUs, run a scalar kernel accumulating
+// in float (half types) or the dtype itself. Every output element is summed in an order fixed
+// by the plan, the batch size and the instruction set alone, so results do not depend on the
+// thread count.
 //
 // The batched fp32 kernels read x (and grad_out) transposed into batch-contiguous slices of
-// 16, 32 or 64 rows: slice[c][b] = x[b0 + b, c]. One panel of a slice (panel * 256 bytes at 64
+// 16, 32 or 64 rows (AVX2: 8, 16 or 32): slice[c][b] = x[b0 + b, c]. One panel of a slice (panel * 256 bytes at 64
 // rows) stays in L1/L2 while every row of W visits it, so each nonzero is one broadcast value
 // times up to four cached vectors, and each (panel, row) segment costs a load and a store of
 // its accumulators. Panel 256 (64 KiB of slice) is the best width measured for 80-98%
@@ -275,11 +276,7 @@ void sddmm_generic(PanelPlanCheck& check, const at::Tensor& grad_out, const at::
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp32 AVX-512 products.
-
-#if DYNASPARSE_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
+// Pieces of the fp32 products of every instruction set.
 
 // m [batch, cols] (any strides) -> ceil(batch / width) slices of [cols][width], zero past batch.
 at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
@@ -325,6 +322,13 @@ inline void add_and_clear(float* total, float* acc, int64_t floats) {
     acc[i] = 0.0f;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// fp32 AVX-512 products.
+
+#if DYNASPARSE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
 
 // y rows [row_begin, row_end) for all batch slices, kVecs vectors of 16 per slice row.
 template <int kVecs>
@@ -537,6 +541,286 @@ void sddmm_float_avx512(PanelPlanCheck& check, const at::Tensor& grad_out, const
 #pragma GCC pop_options
 #endif  // DYNASPARSE_X86
 
+// ---------------------------------------------------------------------------------------------
+// fp32 AVX2 products, for x86 CPUs without AVX-512: the AVX-512 kernels' structure (batch
+// slices, row groups, panel blocks, a summation order fixed by the plan and the batch size) at
+// 8 floats per vector and 16 registers. Their plan check runs on a segment before its first
+// use.
+
+#if DYNASPARSE_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+DYNASPARSE_DEFINE_UNROLL(unroll_avx2)
+
+// segment_ok_scalar, 16 offsets per vector (the scalar loop's compare and branch per nonzero
+// cost as much as a batch-1 product's arithmetic). AVX2 compares only signed 16-bit lanes:
+// flipping the top bit orders the unsigned offsets the same way. A segment whose vectors would
+// read outside cols (the plan's first nonzero has no predecessor, the last vector may pass the
+// end) is checked by the scalar loop.
+inline bool segment_ok_avx2(const int16_t* cols, int64_t begin, int64_t end, int64_t nnz, int64_t width) {
+  if (!segment_bounds_ok(begin, end, nnz)) return false;
+  if (begin == 0 || begin + ceil_div(end - begin, 16) * 16 > nnz) {
+    return segment_ok_scalar(cols, begin, end, nnz, width);
+  }
+  const __m256i flip = _mm256_set1_epi16(static_cast<int16_t>(0x8000));
+  // width is in [1, 65536], so width - 1 fits 16 unsigned bits.
+  const __m256i last =
+      _mm256_xor_si256(_mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(width - 1))), flip);
+  const __m256i lane = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Lane 0 of the segment's first vector has no predecessor in the segment.
+  __m256i no_predecessor = _mm256_cmpeq_epi16(lane, _mm256_setzero_si256());
+  __m256i bad = _mm256_setzero_si256();
+  for (int64_t i = begin; i < end; i += 16) {
+    const auto count = static_cast<int16_t>(std::min<int64_t>(16, end - i));
+    const __m256i used = _mm256_cmpgt_epi16(_mm256_set1_epi16(count), lane);
+    const __m256i offsets = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + i)), flip);
+    const __m256i previous =
+        _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + i - 1)), flip);
+    const __m256i ascending = _mm256_or_si256(_mm256_cmpgt_epi16(offsets, previous), no_predecessor);
+    const __m256i wrong = _mm256_or_si256(_mm256_cmpgt_epi16(offsets, last), _mm256_xor_si256(ascending, used));
+    bad = _mm256_or_si256(bad, _mm256_and_si256(wrong, used));
+    no_predecessor = _mm256_setzero_si256();
+  }
+  return _mm256_testz_si256(bad, bad);
+}
+
+// 8-float vectors per slice row for `batch` rows: 32-row slices unless the batch is small.
+inline int vectors_for_avx2(int64_t batch) { return batch > 16 ? 4 : batch > 8 ? 2 : 1; }
+
+// add_segment_avx512 at 8 floats per vector: kSets accumulator sets keep eight FMA chains in
+// flight (Zen 3 and Intel client cores: two FMA ports, 4-cycle latency), summed pairwise.
+template <int kVecs>
+__attribute__((always_inline)) inline void add_segment_avx2(const float* values, const int16_t* cols, int64_t i,
+                                                             int64_t end, const float* x_panel, float* out) {
+  constexpr int kWidth = 8 * kVecs;
+  constexpr int kSets = 8 / kVecs;
+  __m256 acc[kSets][kVecs];
+  unroll_avx2<kSets>([&](auto s) { unroll_avx2<kVecs>([&](auto v) { acc[s][v] = _mm256_setzero_ps(); }); });
+  const int64_t whole = end - (end - i) % kSets;
+  for (int64_t tail = whole; tail < end; ++tail) {
+    const __m256 value = _mm256_set1_ps(values[tail]);
+    const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[tail])) * kWidth;
+    unroll_avx2<kVecs>([&](auto v) { acc[0][v] = _mm256_fmadd_ps(value, _mm256_loadu_ps(x_col + 8 * v), acc[0][v]); });
+  }
+  for (; i < whole; i += kSets) {
+    unroll_avx2<kSets>([&](auto s) {
+      const __m256 value = _mm256_set1_ps(values[i + s]);
+      const float* x_col = x_panel + static_cast<int64_t>(col_offset(cols[i + s])) * kWidth;
+      unroll_avx2<kVecs>(
+          [&](auto v) { acc[s][v] = _mm256_fmadd_ps(value, _mm256_loadu_ps(x_col + 8 * v), acc[s][v]); });
+    });
+  }
+  unroll_avx2<kVecs>([&](auto v) {
+    unroll_avx2<3>([&](auto t) {
+      constexpr int stride = 1 << t;
+      unroll_avx2<kSets>([&](auto s) {
+        if constexpr (s % (2 * stride) == 0 && s + stride < kSets) {
+          acc[s][v] = _mm256_add_ps(acc[s][v], acc[s + stride][v]);
+        }
+      });
+    });
+    _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(_mm256_loadu_ps(out + 8 * v), acc[0][v]));
+  });
+}
+
+template <int kVecs>
+void spmm_rows_avx2(PanelPlanCheck& check, const float* slices, int64_t slice_count, int64_t batch, int64_t k,
+                    const float* values, const int64_t* row_ptr, const int16_t* cols, int64_t panel, int64_t n,
+                    const float* bias, float* y, int64_t row_begin, int64_t row_end) {
+  constexpr int kWidth = 8 * kVecs;
+  const int64_t panels = panel_count(k, panel);
+  const int64_t group_floats = std::min(kGroupRows, row_end - row_begin) * kWidth;
+  Scratch scratch(2 * group_floats);
+  float* acc_rows = scratch.data;
+  float* total_rows = scratch.data + group_floats;
+  for (int64_t group = row_begin; group < row_end; group += kGroupRows) {
+    const int64_t group_end = std::min(row_end, group + kGroupRows);
+    const int64_t floats = (group_end - group) * kWidth;
+    for (int64_t slice = 0; slice < slice_count; ++slice) {
+      std::memset(acc_rows, 0, floats * sizeof(float));
+      std::memset(total_rows, 0, floats * sizeof(float));
+      const float* x_slice = slices + slice * k * kWidth;
+      for (int64_t p = 0; p < panels; ++p) {
+        if (p % kPanelBlock == 0 && p > 0) add_and_clear(total_rows, acc_rows, floats);
+        const float* x_panel = x_slice + p * panel * kWidth;
+        const int64_t* segment = row_ptr + p * n;
+        const int64_t width = check.width(p);
+        for (int64_t row = group; row < group_end; ++row) {
+          const int64_t i = segment[row], end = segment[row + 1];
+          // The group's segments are the same for every slice: checked on the first.
+          if (slice == 0 && !segment_ok_avx2(cols, i, end, check.nnz(), width)) return check.fail();
+          if (i == end) continue;
+          add_segment_avx2<kVecs>(values, cols, i, end, x_panel, acc_rows + (row - group) * kWidth);
+        }
+      }
+      add_and_clear(total_rows, acc_rows, floats);
+      const int64_t lanes = std::min<int64_t>(kWidth, batch - slice * kWidth);
+      for (int64_t b = 0; b < lanes; ++b) {
+        float* y_row = y + (slice * kWidth + b) * n;
+        for (int64_t row = group; row < group_end; ++row) {
+          y_row[row] = total_rows[(row - group) * kWidth + b] + (bias != nullptr ? bias[row] : 0.0f);
+        }
+      }
+    }
+  }
+}
+
+// The eight floats of v summed in a fixed order.
+inline float sum8(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
+// Batch 1: x sits in L1; two chains of 8 gathered x per step, the last few nonzeros scalar.
+void spmv_rows_avx2(PanelPlanCheck& check, const float* x, int64_t k, const float* values, const int64_t* row_ptr,
+                    const int16_t* cols, int64_t panel, int64_t n, const float* bias, float* y, int64_t row_begin,
+                    int64_t row_end) {
+  const int64_t panels = panel_count(k, panel);
+  const int64_t floats = (row_end - row_begin) * 8;
+  Scratch scratch(2 * floats);
+  float* acc_rows = scratch.data;
+  float* total_rows = scratch.data + floats;
+  std::memset(acc_rows, 0, 2 * floats * sizeof(float));
+  for (int64_t p = 0; p < panels; ++p) {
+    if (p % kPanelBlock == 0 && p > 0) add_and_clear(total_rows, acc_rows, floats);
+    const float* x_panel = x + p * panel;
+    const int64_t* segment = row_ptr + p * n;
+    const int64_t width = check.width(p);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      int64_t i = segment[row];
+      const int64_t end = segment[row + 1];
+      if (!segment_ok_avx2(cols, i, end, check.nnz(), width)) return check.fail();
+      if (i == end) continue;
+      float* out = acc_rows + (row - row_begin) * 8;
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      for (; i + 16 <= end; i += 16) {
+        const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + i));
+        const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + i + 8));
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(values + i),
+                               _mm256_i32gather_ps(x_panel, _mm256_cvtepu16_epi32(first), 4), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(values + i + 8),
+                              _mm256_i32gather_ps(x_panel, _mm256_cvtepu16_epi32(second), 4), odd);
+      }
+      if (i + 8 <= end) {
+        const __m128i offsets = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + i));
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(values + i),
+                               _mm256_i32gather_ps(x_panel, _mm256_cvtepu16_epi32(offsets), 4), even);
+        i += 8;
+      }
+      float rest = 0.0f;
+      for (; i < end; ++i) rest += values[i] * x_panel[col_offset(cols[i])];
+      __m256 acc = _mm256_add_ps(_mm256_loadu_ps(out), _mm256_add_ps(even, odd));
+      _mm256_storeu_ps(out, _mm256_add_ps(acc, _mm256_setr_ps(rest, 0, 0, 0, 0, 0, 0, 0)));
+    }
+  }
+  add_and_clear(total_rows, acc_rows, floats);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    y[row] = sum8(_mm256_loadu_ps(total_rows + (row - row_begin) * 8)) + (bias != nullptr ? bias[row] : 0.0f);
+  }
+}
+
+// Element t of the result: the sum of the eight floats of vector t, in a fixed order.
+inline __m128 sum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
+// sddmm_rows_avx512 at 8 floats per vector.
+template <int kVecs>
+void sddmm_rows_avx2(PanelPlanCheck& check, const float* g_slices, const float* x_slices, int64_t slice_count,
+                     int64_t n, int64_t k, const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values,
+                     int64_t row_begin, int64_t row_end) {
+  constexpr int kWidth = 8 * kVecs;
+  const int64_t panels = panel_count(k, panel);
+  const __m128i lane_index = _mm_setr_epi32(0, 1, 2, 3);
+  for (int64_t slice = 0; slice < slice_count; ++slice) {
+    const float* g_slice = g_slices + slice * n * kWidth;
+    const float* x_slice = x_slices + slice * k * kWidth;
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* x_panel = x_slice + p * panel * kWidth;
+      const int64_t* segment = row_ptr + p * n;
+      const int64_t width = check.width(p);
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        const int64_t begin = segment[row], end = segment[row + 1];
+        if (slice == 0 && !segment_ok_avx2(cols, begin, end, check.nnz(), width)) return check.fail();
+        if (begin == end) continue;
+        __m256 g[kVecs];
+        unroll_avx2<kVecs>([&](auto v) { g[v] = _mm256_loadu_ps(g_slice + row * kWidth + 8 * v); });
+        for (int64_t i = begin; i < end; i += 4) {
+          const int64_t last = std::min<int64_t>(4, end - i) - 1;
+          __m256 dot[4];
+          unroll_avx2<4>([&](auto t) {
+            // Past the segment's end, repeat its last nonzero; the store below drops it.
+            const float* x_col =
+                x_panel + static_cast<int64_t>(col_offset(cols[i + std::min<int64_t>(t, last)])) * kWidth;
+            dot[t] = _mm256_mul_ps(g[0], _mm256_loadu_ps(x_col));
+            unroll_avx2<kVecs - 1>([&](auto v) {
+              dot[t] = _mm256_fmadd_ps(g[v + 1], _mm256_loadu_ps(x_col + 8 * (v + 1)), dot[t]);
+            });
+          });
+          __m128 sums = sum4_avx2(dot[0], dot[1], dot[2], dot[3]);
+          const __m128i lanes = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(last) + 1), lane_index);
+          if (slice > 0) sums = _mm_add_ps(sums, _mm_maskload_ps(values + i, lanes));
+          _mm_maskstore_ps(values + i, lanes, sums);
+        }
+      }
+    }
+  }
+}
+
+void spmm_float_avx2(PanelPlanCheck& check, const at::Tensor& x, const float* values, const int64_t* row_ptr,
+                     const int16_t* cols, int64_t panel, int64_t n, const float* bias, float* y) {
+  const int64_t batch = x.size(0), k = x.size(1);
+  if (batch == 1) {
+    const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
+    const float* xs = x_row.const_data_ptr<float>();
+    parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      spmv_rows_avx2(check, xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
+    });
+    return;
+  }
+  const int vecs = vectors_for_avx2(batch);
+  const at::Tensor slices = batch_slices(x, 8 * vecs);
+  const float* xs = slices.const_data_ptr<float>();
+  const int64_t slice_count = slices.size(0);
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    switch (vecs) {
+      case 4:
+        return spmm_rows_avx2<4>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
+                                   end);
+      case 2:
+        return spmm_rows_avx2<2>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
+                                   end);
+      default:
+        return spmm_rows_avx2<1>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
+                                   end);
+    }
+  });
+}
+
+void sddmm_float_avx2(PanelPlanCheck& check, const at::Tensor& grad_out, const at::Tensor& x,
+                      const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values) {
+  const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1);
+  const int vecs = vectors_for_avx2(batch);
+  const at::Tensor g_slices = batch_slices(grad_out, 8 * vecs);
+  const at::Tensor x_slices = batch_slices(x, 8 * vecs);
+  const float* gs = g_slices.const_data_ptr<float>();
+  const float* xs = x_slices.const_data_ptr<float>();
+  const int64_t slice_count = x_slices.size(0);
+  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    switch (vecs) {
+      case 4: return sddmm_rows_avx2<4>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+      case 2: return sddmm_rows_avx2<2>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+      default: return sddmm_rows_avx2<1>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
+    }
+  });
+}
+
+#pragma GCC pop_options
+#endif  // DYNASPARSE_X86
+
 at::Tensor spmm_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& row_ptr,
                            const at::Tensor& cols, int64_t panel, int64_t n, const c10::optional<at::Tensor>& bias_in) {
   check_spmm_panels(x_in, values_in, row_ptr, cols, panel, n, bias_in);
@@ -554,11 +838,13 @@ at::Tensor spmm_panels_cpu(const at::Tensor& x_in, const at::Tensor& values_in, 
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
-  if (runs_in_float(x.scalar_type()) && has_avx512()) {
+  const CpuIsa isa = cpu_isa();
+  if (runs_in_float(x.scalar_type()) && isa != CpuIsa::kPortable) {
     const at::Tensor x_float = as_float(x), values_float = as_float(values), bias_float = as_float(bias);
     at::Tensor y_float = x.scalar_type() == at::kFloat ? y : at::empty(y.sizes(), y.options().dtype(at::kFloat));
-    spmm_float_avx512(check, x_float, values_float.const_data_ptr<float>(), starts, offsets, panel, n,
-                      bias_float.defined() ? bias_float.const_data_ptr<float>() : nullptr, y_float.data_ptr<float>());
+    const auto spmm_float = isa == CpuIsa::kAvx512 ? spmm_float_avx512 : spmm_float_avx2;
+    spmm_float(check, x_float, values_float.const_data_ptr<float>(), starts, offsets, panel, n,
+               bias_float.defined() ? bias_float.const_data_ptr<float>() : nullptr, y_float.data_ptr<float>());
     check.finish();
     if (!y_float.is_same(y)) y.copy_(y_float);
     return y.view(out_sizes);
@@ -586,10 +872,12 @@ at::Tensor sddmm_panels_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_i
   const int64_t* starts = row_ptr.const_data_ptr<int64_t>();
   const int16_t* offsets = cols.const_data_ptr<int16_t>();
 #if DYNASPARSE_X86
-  if (runs_in_float(x.scalar_type()) && has_avx512()) {
+  const CpuIsa isa = cpu_isa();
+  if (runs_in_float(x.scalar_type()) && isa != CpuIsa::kPortable) {
     at::Tensor values_float =
         x.scalar_type() == at::kFloat ? values : at::empty(values.sizes(), values.options().dtype(at::kFloat));
-    sddmm_float_avx512(check, as_float(grad_out), as_float(x), starts, offsets, panel, values_float.data_ptr<float>());
+    const auto sddmm_float = isa == CpuIsa::kAvx512 ? sddmm_float_avx512 : sddmm_float_avx2;
+    sddmm_float(check, as_float(grad_out), as_float(x), starts, offsets, panel, values_float.data_ptr<float>());
     check.finish();
     if (!values_float.is_same(values)) values.copy_(values_float);
     return values;

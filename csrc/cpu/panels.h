@@ -1,5 +1,5 @@
 // Pieces of the panel-plan CPU kernels shared by the matmul (matmul_panels.cpp) and the
-// convolution (conv_panels.cpp): run-time AVX-512 detection, per-task scratch, the plan
+// convolution (conv_panels.cpp): per-task scratch, the plan
 // check fused into the kernels' segment loops, and the inner loop that adds one (panel, row)
 // segment of W times a batch-contiguous slice of operands.
 #pragma once
@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu_isa.h"
 #include "half_as_float.h"
 #include "matmul.h"
 
@@ -23,19 +24,6 @@
 #endif
 
 namespace dynasparse {
-
-// Selected at run time, so the build needs no -march flag. (Every AVX-512 CPU has BMI2; the
-// plan check's lane masks use it.)
-inline bool has_avx512() {
-#if DYNASPARSE_X86
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                                __builtin_cpu_supports("bmi2");
-  return supported;
-#else
-  return false;
-#endif
-}
 
 inline uint16_t col_offset(int16_t col) { return static_cast<uint16_t>(col); }
 
@@ -117,9 +105,22 @@ struct Scratch {
   float* data;
 };
 
+// Defines name<N>(f): f(std::integral_constant<int, I>{}) for I = 0 .. N - 1, as straight-line
+// code. Defined inside each instruction set's target region: GCC inlines a call only into a
+// caller whose target includes the callee's, and the lambdas passed in carry their caller's
+// target, so with one definition outside the regions they stayed out-of-line calls (objdump).
+#define DYNASPARSE_DEFINE_UNROLL(name)                                                           \
+  template <int N, typename F>                                                                   \
+  __attribute__((always_inline)) inline void name(F&& f) {                                       \
+    [&]<int... I>(std::integer_sequence<int, I...>) { (f(std::integral_constant<int, I>{}), ...); }( \
+        std::make_integer_sequence<int, N>{});                                                   \
+  }
+
 #if DYNASPARSE_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
+
+DYNASPARSE_DEFINE_UNROLL(unroll)
 
 // Rows [r0, r1) of one panel, 8 per step: 0 <= segment[r0] <= ... <= segment[r1] <= nnz.
 // The kernels that walk a group of rows check their bounds this way before the group, and
@@ -184,14 +185,6 @@ inline bool rows_ok_avx512(const PanelPlanCheck& check, int64_t row_begin, int64
     }
   }
   return true;
-}
-
-// f(std::integral_constant<int, I>{}) for I = 0 .. N - 1, as straight-line code.
-template <int N, typename F>
-__attribute__((always_inline)) inline void unroll(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) {
-    (f(std::integral_constant<int, I>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
 }
 
 // out[0, 16 * kVecs) += sum over nonzeros [i, end) of values[i] * x_panel[cols[i]] (slice

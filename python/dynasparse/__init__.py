@@ -11,7 +11,7 @@ except ImportError as error:
         f"(cause: {error})") from error
 
 from . import ops  # noqa: E402  (needs the ops registered by _C)
-from .dispatch import backends, format_backends, usable_backends  # noqa: E402
+from .dispatch import backends, cpu_isa, cpu_isa_cap, format_backends, usable_backends  # noqa: E402
 from .layout import MaskPlan  # noqa: E402
 from . import nn, optim, pruning  # noqa: E402  (the layers above ops, reachable as attributes)
 from .nn import densify, load, save, sparsify  # noqa: E402
@@ -20,5 +20,5 @@ from .advise import advise  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["MaskPlan", "SparseConv1d", "SparseConv2d", "SparseLinear", "SparseTransposedLinear", "advise", "backends",
-           "densify", "format_backends", "load", "nn", "ops", "optim", "pruning", "save", "sparsify", "usable_backends",
+           "cpu_isa", "cpu_isa_cap", "densify", "format_backends", "load", "nn", "ops", "optim", "pruning", "save", "sparsify", "usable_backends",
            "__version__"]

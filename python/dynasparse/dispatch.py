@@ -12,6 +12,7 @@ torch.compile traces without graph breaks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -62,13 +63,13 @@ def _probe() -> dict[str, BackendStatus]:
     cuda_device = torch.cuda.is_available()
     statuses = {}
 
+    from . import _C
+
     cpu_built = any(_has_kernel(op, "CPU") for op in native_ops)
     statuses["cpu"] = BackendStatus(
         "cpu", cpu_built, ("cpu",) if cpu_built else (),
-        f"C++ kernels, {torch.get_num_threads()} threads" if cpu_built
+        f"C++ kernels ({_C.detected_cpu_isa()}), {torch.get_num_threads()} threads" if cpu_built
         else "dynasparse._C has no CPU kernels: the native library did not build or load")
-
-    from . import _C
 
     cuda_built = any(_has_kernel(op, "CUDA") for op in native_ops)
     if not cuda_built:
@@ -103,7 +104,43 @@ def _probe() -> dict[str, BackendStatus]:
     return statuses
 
 
+CPU_ISAS = ("portable", "avx2", "avx512")
+
+
+def cpu_isa() -> str:
+    """The vector kernels the CPU ops run: "avx512", "avx2" (x86 without AVX-512) or "portable"
+    (scalar loops; other dtypes than fp32 / bf16 / fp16 always run those). The environment
+    variable DYNASPARSE_CPU_ISA caps it for a whole process, `cpu_isa_cap` for a block."""
+    from . import _C
+    return _C.cpu_isa()
+
+
+@contextlib.contextmanager
+def cpu_isa_cap(level: str):
+    """Run at most `level`'s CPU kernels inside the block (one of CPU_ISAS), e.g. to test or time
+    the AVX2 or portable kernels on an AVX-512 machine. Process-wide: not for concurrent use."""
+    if level not in CPU_ISAS:
+        raise ValueError(f"dynasparse.cpu_isa_cap: level must be one of {', '.join(CPU_ISAS)}, got {level!r}")
+    from . import _C
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa_cap(level)
+    try:
+        yield _C.cpu_isa()
+    finally:
+        _C.set_cpu_isa_cap(previous)
+
+
+def _cap_from_environment() -> None:
+    level = os.environ.get("DYNASPARSE_CPU_ISA")
+    if level:
+        if level not in CPU_ISAS:
+            raise ValueError(f"dynasparse: DYNASPARSE_CPU_ISA must be one of {', '.join(CPU_ISAS)}, got {level!r}")
+        from . import _C
+        _C.set_cpu_isa_cap(level)
+
+
 _STATUS = _probe()
+_cap_from_environment()
 # Dispatch keys with a native kernel, per op: {"pack_mask": {"CPU", "CUDA"}}.
 _NATIVE_KERNELS = {
     op.split("::", 1)[1]: {key for key in ("CPU", "CUDA") if _has_kernel(op, key)}

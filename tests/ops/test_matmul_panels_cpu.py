@@ -92,14 +92,15 @@ def strided_input(leading, k, generator, dtype, contiguous):
     return (x if contiguous else x[..., 1::2]).to(dtype)
 
 
-# Batch sizes: empty, the batch-1 gather path, tails of 16/32/64-row slices, several slices.
-LEADING = [(0,), (1,), (5,), (2, 3), (33,), (130,), (2, 0, 3)]
+# Batch sizes: empty, the batch-1 gather path, tails of the slices (AVX-512: 16/32/64 rows,
+# AVX2: 8/16/32), several slices.
+LEADING = [(0,), (1,), (5,), (12,), (2, 3), (20,), (33,), (130,), (2, 0, 3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("panel", PANELS)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
-def test_spmm_matches_float64(dtype, panel, sparsity):
+def test_spmm_matches_float64(cpu_isa, dtype, panel, sparsity):
     n, k = 37, 301
     generator, mask, weight, row_ptr, cols, values = product_case(n, k, sparsity, panel, dtype, "spmm")
     exact_weight = masked(weight.to(dtype), mask).double()
@@ -117,7 +118,7 @@ def test_spmm_matches_float64(dtype, panel, sparsity):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("panel", [7, 128])
-def test_input_gradient_over_the_transposed_plan(dtype, panel):
+def test_input_gradient_over_the_transposed_plan(cpu_isa, dtype, panel):
     n, k = 45, 260
     generator = generator_for("grad_input", dtype, panel)
     mask = random_mask((n, k), 0.9, generator)
@@ -134,7 +135,7 @@ def test_input_gradient_over_the_transposed_plan(dtype, panel):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("panel", PANELS)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
-def test_sddmm_matches_float64(dtype, panel, sparsity):
+def test_sddmm_matches_float64(cpu_isa, dtype, panel, sparsity):
     n, k = 37, 301
     generator, mask, _, row_ptr, cols, _ = product_case(n, k, sparsity, panel, dtype, "sddmm")
     for leading in LEADING:
@@ -151,7 +152,7 @@ def test_sddmm_matches_float64(dtype, panel, sparsity):
             assert_close_to_float64(dense[mask], torch_own, exact)
 
 
-def test_rows_without_nonzeros_and_wide_rows_across_threads():
+def test_rows_without_nonzeros_and_wide_rows_across_threads(cpu_isa):
     """Empty rows between full ones, rows longer than a slice of work, under 1 and 2 threads:
     bitwise the same (the summation order does not depend on the split)."""
     n, k, panel = 1100, 700, 128
@@ -186,6 +187,36 @@ def test_sddmm_of_an_empty_batch_is_zero():
     row_ptr, cols = plan(mask, 2)
     values = ops.sddmm_panels(torch.empty(0, 3), torch.empty(0, 5), row_ptr, cols, 2, backend="cpu")
     assert torch.equal(values, torch.zeros(15))
+
+
+# Where in a long segment a bad offset sits: the vectorized checks read 16 or 32 offsets at a
+# time (first vector, a later one, the partial last one); the plan's last entry has no vector
+# past it.
+@pytest.mark.parametrize("where", ["second", "seventeenth", "last_of_segment", "last_of_plan"])
+@pytest.mark.parametrize("edit", ["repeat_previous", "past_width"])
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_a_bad_offset_anywhere_in_a_long_segment_raises(cpu_isa, where, edit, batch):
+    n, k, panel = 4, 300, 256
+    generator = generator_for("long segments", where, edit)
+    mask = random_mask((n, k), 0.05, generator)
+    row_ptr, cols = plan(mask, panel)
+    values = torch.randn(cols.numel(), generator=generator)
+    begin, end = int(row_ptr[2]), int(row_ptr[3])  # row 2 of panel 0: about 240 offsets
+    position = {"second": begin + 1, "seventeenth": begin + 16, "last_of_segment": end - 1,
+                "last_of_plan": cols.numel() - 1}[where]
+    bad = cols.clone()
+    if edit == "repeat_previous":
+        bad[position] = bad[position - 1]
+        error, match = ValueError, "must ascend"
+    else:
+        width = panel if position < int(row_ptr[n]) else k - panel
+        bad[position] = width
+        error, match = IndexError, "is outside panel"
+    x = torch.randn(batch, k, generator=generator)
+    with pytest.raises(error, match=match):
+        ops.spmm_panels(x, values, row_ptr, bad, panel, n, backend="cpu")
+    with pytest.raises(error, match=match):
+        ops.sddmm_panels(torch.randn(batch, n, generator=generator), x, row_ptr, bad, panel, backend="cpu")
 
 
 def small_plan(panel=4):
