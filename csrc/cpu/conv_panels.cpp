@@ -196,7 +196,9 @@ class ConvAvx512 {
 void conv_float_avx512(PanelPlanCheck& check, const ConvShape& s, const float* x, const float* values,
                        const int64_t* row_ptr, const int16_t* cols, int64_t panel, const float* bias, float* y) {
   const ConvAvx512 kernel(check, s, x, values, row_ptr, cols, panel, bias, y);
-  parallel_for(0, kernel.blocks(), 1, [&](int64_t begin, int64_t end) { kernel.run(begin, end); });
+  const int64_t blocks = kernel.blocks();
+  parallel_for(0, blocks, work_grain(blocks, check.nnz() * s.batch * s.pixels(), 1),
+               [&](int64_t begin, int64_t end) { kernel.run(begin, end); });
 }
 
 #pragma GCC pop_options

@@ -154,7 +154,8 @@ constexpr int64_t kPackRows = 16;
 template <typename Visit, typename StartRows>
 void for_each_nonzero(PanelPlanCheck& check, const int64_t* row_ptr, const int16_t* cols, int64_t n, int64_t panels,
                       int64_t panel, const Visit& visit, const StartRows& start_rows) {
-  parallel_for(0, ceil_div(n, kPackRows), 1, [&](int64_t block_begin, int64_t block_end) {
+  const int64_t blocks = ceil_div(n, kPackRows);
+  parallel_for(0, blocks, work_grain(blocks, check.nnz(), 1), [&](int64_t block_begin, int64_t block_end) {
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t row_end = std::min(n, (block + 1) * kPackRows);
       if (!check.rows_ok(block * kPackRows, row_end)) return check.fail();
@@ -223,7 +224,7 @@ void spmm_generic(PanelPlanCheck& check, const at::Tensor& x, const scalar_t* va
   const int64_t batch = x.size(0), k = x.size(1), panels = panel_count(k, panel);
   const int64_t batch_stride = x.stride(0), col_stride = x.stride(1);
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
-  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       // Once per row, not once per batch row.
       for (int64_t p = 0; p < panels; ++p) {
@@ -256,7 +257,7 @@ void sddmm_generic(PanelPlanCheck& check, const at::Tensor& grad_out, const at::
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
   const int64_t g_batch = grad_out.stride(0), g_col = grad_out.stride(1);
   const int64_t x_batch = x.stride(0), x_col = x.stride(1);
-  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t p = 0; p < panels; ++p) {
         if (!segment_ok_scalar(cols, row_ptr[p * n + row], row_ptr[p * n + row + 1], check.nnz(), check.width(p))) {
@@ -288,7 +289,8 @@ at::Tensor batch_slices(const at::Tensor& m, int64_t width) {
   const int64_t batch_stride = m.stride(0), col_stride = m.stride(1);
   constexpr int64_t kBlock = 64;
   const int64_t col_blocks = ceil_div(cols, kBlock);
-  parallel_for(0, slices * col_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = slices * col_blocks;
+  parallel_for(0, tasks, work_grain(tasks, out.numel(), 1), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t slice = task / col_blocks, c0 = (task % col_blocks) * kBlock;
       const int64_t c1 = std::min(cols, c0 + kBlock);
@@ -496,7 +498,7 @@ void spmm_float_avx512(PanelPlanCheck& check, const at::Tensor& x, const float* 
   if (batch == 1) {
     const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
     const float* xs = x_row.const_data_ptr<float>();
-    parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
       spmv_rows_avx512(check, xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
     });
     return;
@@ -505,7 +507,7 @@ void spmm_float_avx512(PanelPlanCheck& check, const at::Tensor& x, const float* 
   const at::Tensor slices = batch_slices(x, 16 * vecs);
   const float* xs = slices.const_data_ptr<float>();
   const int64_t slice_count = slices.size(0);
-  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4:
         return spmm_rows_avx512<4>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
@@ -529,7 +531,7 @@ void sddmm_float_avx512(PanelPlanCheck& check, const at::Tensor& grad_out, const
   const float* gs = g_slices.const_data_ptr<float>();
   const float* xs = x_slices.const_data_ptr<float>();
   const int64_t slice_count = x_slices.size(0);
-  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4: return sddmm_rows_avx512<4>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
       case 2: return sddmm_rows_avx512<2>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
@@ -673,7 +675,8 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 }
 
-// Batch 1: x sits in L1; two chains of 8 gathered x per step, the last few nonzeros scalar.
+// Batch 1: x sits in L1; two chains of 8 nonzeros per step, the last few scalar. The x values
+// are loaded one by one into a vector: vgatherdps measured 4x slower per nonzero on Zen 3.
 void spmv_rows_avx2(PanelPlanCheck& check, const float* x, int64_t k, const float* values, const int64_t* row_ptr,
                     const int16_t* cols, int64_t panel, int64_t n, const float* bias, float* y, int64_t row_begin,
                     int64_t row_end) {
@@ -695,18 +698,18 @@ void spmv_rows_avx2(PanelPlanCheck& check, const float* x, int64_t k, const floa
       if (i == end) continue;
       float* out = acc_rows + (row - row_begin) * 8;
       __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      const auto x_at = [&](int64_t j) {
+        const int16_t* c = cols + j;
+        return _mm256_setr_ps(x_panel[col_offset(c[0])], x_panel[col_offset(c[1])], x_panel[col_offset(c[2])],
+                              x_panel[col_offset(c[3])], x_panel[col_offset(c[4])], x_panel[col_offset(c[5])],
+                              x_panel[col_offset(c[6])], x_panel[col_offset(c[7])]);
+      };
       for (; i + 16 <= end; i += 16) {
-        const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + i));
-        const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + i + 8));
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(values + i),
-                               _mm256_i32gather_ps(x_panel, _mm256_cvtepu16_epi32(first), 4), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(values + i + 8),
-                              _mm256_i32gather_ps(x_panel, _mm256_cvtepu16_epi32(second), 4), odd);
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(values + i), x_at(i), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(values + i + 8), x_at(i + 8), odd);
       }
       if (i + 8 <= end) {
-        const __m128i offsets = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + i));
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(values + i),
-                               _mm256_i32gather_ps(x_panel, _mm256_cvtepu16_epi32(offsets), 4), even);
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(values + i), x_at(i), even);
         i += 8;
       }
       float rest = 0.0f;
@@ -734,7 +737,6 @@ void sddmm_rows_avx2(PanelPlanCheck& check, const float* g_slices, const float* 
                      int64_t row_begin, int64_t row_end) {
   constexpr int kWidth = 8 * kVecs;
   const int64_t panels = panel_count(k, panel);
-  const __m128i lane_index = _mm_setr_epi32(0, 1, 2, 3);
   for (int64_t slice = 0; slice < slice_count; ++slice) {
     const float* g_slice = g_slices + slice * n * kWidth;
     const float* x_slice = x_slices + slice * k * kWidth;
@@ -761,9 +763,16 @@ void sddmm_rows_avx2(PanelPlanCheck& check, const float* g_slices, const float* 
             });
           });
           __m128 sums = sum4_avx2(dot[0], dot[1], dot[2], dot[3]);
-          const __m128i lanes = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(last) + 1), lane_index);
-          if (slice > 0) sums = _mm_add_ps(sums, _mm_maskload_ps(values + i, lanes));
-          _mm_maskstore_ps(values + i, lanes, sums);
+          // A segment's last few sums are stored one by one: a masked store (vmaskmovps)
+          // costs AMD cores more than the four dot products.
+          if (last == 3) {
+            if (slice > 0) sums = _mm_add_ps(sums, _mm_loadu_ps(values + i));
+            _mm_storeu_ps(values + i, sums);
+          } else {
+            alignas(16) float lanes[4];
+            _mm_store_ps(lanes, sums);
+            for (int64_t t = 0; t <= last; ++t) values[i + t] = (slice > 0 ? values[i + t] : 0.0f) + lanes[t];
+          }
         }
       }
     }
@@ -776,7 +785,7 @@ void spmm_float_avx2(PanelPlanCheck& check, const at::Tensor& x, const float* va
   if (batch == 1) {
     const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
     const float* xs = x_row.const_data_ptr<float>();
-    parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
       spmv_rows_avx2(check, xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
     });
     return;
@@ -785,7 +794,7 @@ void spmm_float_avx2(PanelPlanCheck& check, const at::Tensor& x, const float* va
   const at::Tensor slices = batch_slices(x, 8 * vecs);
   const float* xs = slices.const_data_ptr<float>();
   const int64_t slice_count = slices.size(0);
-  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4:
         return spmm_rows_avx2<4>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
@@ -800,16 +809,43 @@ void spmm_float_avx2(PanelPlanCheck& check, const at::Tensor& x, const float* va
   });
 }
 
+// Batch 1: each value is one product, grad_out[row] * x[col]; batch slices would spend eight
+// lanes and a horizontal sum on it.
+void sddmm_single_rows_avx2(PanelPlanCheck& check, const float* g, int64_t g_stride, const float* x, int64_t x_stride,
+                            int64_t k, const int64_t* row_ptr, const int16_t* cols, int64_t panel, int64_t n,
+                            float* values, int64_t row_begin, int64_t row_end) {
+  for (int64_t p = 0; p < panel_count(k, panel); ++p) {
+    const int64_t* segment = row_ptr + p * n;
+    const float* x_panel = x + p * panel * x_stride;
+    const int64_t width = check.width(p);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const int64_t begin = segment[row], end = segment[row + 1];
+      if (!segment_ok_avx2(cols, begin, end, check.nnz(), width)) return check.fail();
+      const float g_row = g[row * g_stride];
+      for (int64_t i = begin; i < end; ++i) values[i] = g_row * x_panel[col_offset(cols[i]) * x_stride];
+    }
+  }
+}
+
 void sddmm_float_avx2(PanelPlanCheck& check, const at::Tensor& grad_out, const at::Tensor& x,
                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values) {
   const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1);
+  if (batch == 1) {
+    const float* g = grad_out.const_data_ptr<float>();
+    const float* xs = x.const_data_ptr<float>();
+    parallel_for(0, n, work_grain(n, check.nnz(), kRowGrain), [&](int64_t begin, int64_t end) {
+      sddmm_single_rows_avx2(check, g, grad_out.stride(1), xs, x.stride(1), k, row_ptr, cols, panel, n, values,
+                             begin, end);
+    });
+    return;
+  }
   const int vecs = vectors_for_avx2(batch);
   const at::Tensor g_slices = batch_slices(grad_out, 8 * vecs);
   const at::Tensor x_slices = batch_slices(x, 8 * vecs);
   const float* gs = g_slices.const_data_ptr<float>();
   const float* xs = x_slices.const_data_ptr<float>();
   const int64_t slice_count = x_slices.size(0);
-  parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4: return sddmm_rows_avx2<4>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
       case 2: return sddmm_rows_avx2<2>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);

@@ -59,6 +59,20 @@ struct ClaimedChunks {
 
 }  // namespace detail
 
+// Work (multiply-adds, or element copies) below which a loop runs on the calling thread: waking
+// a helper and waiting for its chunk measured 15-40 us on 2-core machines, about what 2^19
+// multiply-adds of the sparse products take (a 128 x 128 layer's product at 90% sparsity
+// and batch 1 took 11.5 us on one thread, 16 us on two; 27 us on two on an AVX2 machine).
+constexpr int64_t kMinChunkWork = int64_t{1} << 19;
+
+// The grain for a loop of `length` indices doing `work` in all: at least `grain`, and enough
+// indices that a chunk does kMinChunkWork (so a loop with less work runs inline).
+inline int64_t work_grain(int64_t length, int64_t work, int64_t grain) {
+  if (length <= 0 || work <= 0) return std::max<int64_t>(grain, 1);
+  const int64_t per_index = std::max<int64_t>(work / length, 1);
+  return std::max<int64_t>(grain, (kMinChunkWork + per_index - 1) / per_index);
+}
+
 // at::parallel_for's contract: body(lo, hi) over disjoint subranges covering [begin, end), at
 // least `grain` indices each (but the last); the range runs inline on one thread, when it is
 // at most one grain, or inside another parallel region.
