@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import dynasparse
 from dynasparse.bench import harness
 
 CPU = torch.device("cpu")
@@ -178,8 +179,9 @@ def test_main_writes_table_json_and_plot(registry, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["schema_version"] == harness.SCHEMA_VERSION
     assert set(data) == {"schema_version", "environment", "settings", "results"}
-    assert {"date", "device", "device_name", "threads", "load_average_1min", "torch", "triton", "git_commit"} <= set(data["environment"])
+    assert {"date", "device", "device_name", "threads", "cpu_isa", "load_average_1min", "torch", "triton", "git_commit"} <= set(data["environment"])
     assert data["environment"]["device"] == "cpu"
+    assert data["environment"]["cpu_isa"] in dynasparse.dispatch.CPU_ISAS
     assert data["settings"]["families"] == ["tensor", "broken"]
     assert [result["case"] for result in data["results"]] == ["tensor/small", "broken/setup"]
     small = data["results"][0]

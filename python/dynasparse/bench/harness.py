@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import dispatch
+
 # Importing these registers their cases; a new family appends its module here.
 CASE_MODULES = ("dynasparse.bench.cases", "dynasparse.bench.topk_cases", "dynasparse.bench.optim_cases",
                 "dynasparse.bench.matmul_cases", "dynasparse.bench.nn_cases", "dynasparse.bench.shrink_cases",
@@ -355,6 +357,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": device.type,
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        # The same CPU name covers AVX-512 and AVX2-only machines, whose kernels differ.
+        "cpu_isa": dispatch.cpu_isa(),
         # Other work on the machine skews CPU timings most: keep the evidence beside them.
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
