@@ -74,3 +74,27 @@ def test_cli_info_prints_the_backends_table():
 def test_cli_rejects_unknown_command():
     out = subprocess.run([sys.executable, "-m", "dynasparse", "frobnicate"], capture_output=True, text=True)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_cpu_isa_cap_lowers_the_kernels_for_a_block_and_restores_them():
+    detected = dynasparse._C.detected_cpu_isa()
+    assert dispatch.cpu_isa() == detected in dispatch.CPU_ISAS
+    with dispatch.cpu_isa_cap("portable") as level:
+        assert level == dispatch.cpu_isa() == "portable"
+    assert dispatch.cpu_isa() == detected
+    with dispatch.cpu_isa_cap("avx512") as level:  # a level above the CPU's runs the CPU's best
+        assert level == detected
+    with pytest.raises(ValueError, match="level must be one of portable, avx2, avx512, got 'sse4'"):
+        with dispatch.cpu_isa_cap("sse4"):
+            pass
+    assert dispatch.cpu_isa() == detected
+
+
+def test_cpu_isa_environment_variable_caps_the_process_and_is_checked():
+    def run(value):
+        environment = dict(os.environ, DYNASPARSE_CPU_ISA=value)
+        return subprocess.run([sys.executable, "-c", "import dynasparse; print(dynasparse.cpu_isa())"],
+                              capture_output=True, text=True, env=environment)
+    assert run("portable").stdout.strip() == "portable"
+    bad = run("avx9000")
+    assert bad.returncode != 0 and "DYNASPARSE_CPU_ISA must be one of portable, avx2, avx512, got 'avx9000'" in bad.stderr
