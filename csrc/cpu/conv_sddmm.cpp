@@ -29,6 +29,7 @@
 #include "matmul.h"
 #include "conv_tiles.h"
 #include "panels.h"
+#include "parallel.h"
 
 namespace dynasparse {
 namespace {
@@ -50,9 +51,11 @@ inline Reach reach(int64_t count, int64_t size, int64_t stride, int64_t offset) 
 template <typename scalar_t>
 void sddmm_generic(PanelPlanCheck& check, const ConvShape& s, const scalar_t* g, const scalar_t* x,
                    const int64_t* row_ptr, const int16_t* cols, int64_t panel, scalar_t* values) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = long_sum_t<scalar_t>;
   const int64_t taps = s.kh * s.kw, pixels = s.pixels(), plane = s.height * s.width;
-  at::parallel_for(0, panel_count(s.k, panel) * s.n, 1, [&](int64_t begin, int64_t end) {
+  const int64_t segments = panel_count(s.k, panel) * s.n;
+  const int64_t grain = work_grain(segments, check.nnz() * s.batch * pixels, 1);
+  parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
     for (int64_t segment = begin; segment < end; ++segment) {
       const int64_t p = segment / s.n, row = segment % s.n;
       if (!segment_ok_scalar(cols, row_ptr[segment], row_ptr[segment + 1], check.nnz(), check.width(p))) {
@@ -233,7 +236,7 @@ void plan_cuts_avx512(PanelPlanCheck& check, int64_t subtiles, int64_t* cuts) {
   const int64_t n = check.n(), segments = check.panels() * n;
   const int64_t* row_ptr = check.row_ptr();
   const int16_t* cols = check.cols();
-  at::parallel_for(0, segments, 256, [&](int64_t begin, int64_t end) {
+  parallel_for(0, segments, 256, [&](int64_t begin, int64_t end) {
     // Whole rows of one panel at a time for the bounds check.
     for (int64_t first = begin; first < end;) {
       const int64_t p = first / n, last = std::min(end, (p + 1) * n);
@@ -269,12 +272,12 @@ void sddmm_float_avx512(PanelPlanCheck& check, const ConvShape& s, const float* 
     return;
   }
   std::vector<float> partial(tasks * nnz, 0.0f);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       kernel.run(task * kernel.blocks() / tasks, (task + 1) * kernel.blocks() / tasks, partial.data() + task * nnz);
     }
   });
-  at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float sum = partial[i];
       for (int64_t task = 1; task < tasks; ++task) sum += partial[task * nnz + i];

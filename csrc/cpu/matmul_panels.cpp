@@ -251,7 +251,7 @@ void spmm_generic(PanelPlanCheck& check, const at::Tensor& x, const scalar_t* va
 template <typename scalar_t>
 void sddmm_generic(PanelPlanCheck& check, const at::Tensor& grad_out, const at::Tensor& x, const int64_t* row_ptr,
                    const int16_t* cols, int64_t panel, scalar_t* values) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = long_sum_t<scalar_t>;
   const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1), panels = panel_count(k, panel);
   const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
@@ -809,8 +809,8 @@ void spmm_float_avx2(PanelPlanCheck& check, const at::Tensor& x, const float* va
   });
 }
 
-// Batch 1: each value is one product, grad_out[row] * x[col]; batch slices would spend eight
-// lanes and a horizontal sum on it.
+// Batch 1: each value is one product, grad_out[row] * x[col]; batch slices would spend a
+// vector of lanes and a horizontal sum on it.
 void sddmm_single_rows_avx2(PanelPlanCheck& check, const float* g, int64_t g_stride, const float* x, int64_t x_stride,
                             int64_t k, const int64_t* row_ptr, const int16_t* cols, int64_t panel, int64_t n,
                             float* values, int64_t row_begin, int64_t row_end) {
@@ -827,18 +827,21 @@ void sddmm_single_rows_avx2(PanelPlanCheck& check, const float* g, int64_t g_str
   }
 }
 
+// Batch 1 on AVX2 and AVX-512 CPUs alike (a scalar product per value).
+void sddmm_single_avx2(PanelPlanCheck& check, const at::Tensor& grad_out, const at::Tensor& x,
+                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values) {
+  const int64_t k = x.size(1), n = grad_out.size(1);
+  const float* g = grad_out.const_data_ptr<float>();
+  const float* xs = x.const_data_ptr<float>();
+  parallel_for(0, n, work_grain(n, check.nnz(), kRowGrain), [&](int64_t begin, int64_t end) {
+    sddmm_single_rows_avx2(check, g, grad_out.stride(1), xs, x.stride(1), k, row_ptr, cols, panel, n, values, begin,
+                           end);
+  });
+}
+
 void sddmm_float_avx2(PanelPlanCheck& check, const at::Tensor& grad_out, const at::Tensor& x,
                       const int64_t* row_ptr, const int16_t* cols, int64_t panel, float* values) {
   const int64_t batch = x.size(0), k = x.size(1), n = grad_out.size(1);
-  if (batch == 1) {
-    const float* g = grad_out.const_data_ptr<float>();
-    const float* xs = x.const_data_ptr<float>();
-    parallel_for(0, n, work_grain(n, check.nnz(), kRowGrain), [&](int64_t begin, int64_t end) {
-      sddmm_single_rows_avx2(check, g, grad_out.stride(1), xs, x.stride(1), k, row_ptr, cols, panel, n, values,
-                             begin, end);
-    });
-    return;
-  }
   const int vecs = vectors_for_avx2(batch);
   const at::Tensor g_slices = batch_slices(grad_out, 8 * vecs);
   const at::Tensor x_slices = batch_slices(x, 8 * vecs);
@@ -912,7 +915,9 @@ at::Tensor sddmm_panels_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_i
   if (runs_in_float(x.scalar_type()) && isa != CpuIsa::kPortable) {
     at::Tensor values_float =
         x.scalar_type() == at::kFloat ? values : at::empty(values.sizes(), values.options().dtype(at::kFloat));
-    const auto sddmm_float = isa == CpuIsa::kAvx512 ? sddmm_float_avx512 : sddmm_float_avx2;
+    const auto sddmm_float = x.size(0) == 1            ? sddmm_single_avx2
+                             : isa == CpuIsa::kAvx512 ? sddmm_float_avx512
+                                                      : sddmm_float_avx2;
     sddmm_float(check, as_float(grad_out), as_float(x), starts, offsets, panel, values_float.data_ptr<float>());
     check.finish();
     if (!values_float.is_same(values)) values.copy_(values_float);
