@@ -45,7 +45,7 @@ namespace {
 template <typename scalar_t>
 void conv_generic(PanelPlanCheck& check, const ConvShape& s, const scalar_t* x, const scalar_t* values,
                   const int64_t* row_ptr, const int16_t* cols, int64_t panel, const scalar_t* bias, scalar_t* y) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = long_sum_t<scalar_t>;
   const int64_t panels = panel_count(s.k, panel), pixels = s.pixels(), taps = s.kh * s.kw;
   const int64_t grain = work_grain(s.batch * s.n, check.nnz() * s.batch * pixels, 1);
   parallel_for(0, s.batch * s.n, grain, [&](int64_t begin, int64_t end) {

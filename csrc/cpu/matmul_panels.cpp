@@ -220,7 +220,7 @@ at::Tensor unpack_panels_cpu(const at::Tensor& values_in, const at::Tensor& row_
 template <typename scalar_t>
 void spmm_generic(PanelPlanCheck& check, const at::Tensor& x, const scalar_t* values, const int64_t* row_ptr,
                   const int16_t* cols, int64_t panel, int64_t n, const scalar_t* bias, scalar_t* y) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = long_sum_t<scalar_t>;
   const int64_t batch = x.size(0), k = x.size(1), panels = panel_count(k, panel);
   const int64_t batch_stride = x.stride(0), col_stride = x.stride(1);
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
