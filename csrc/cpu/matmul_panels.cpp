@@ -8,10 +8,10 @@
 // thread count.
 //
 // The batched fp32 kernels read x (and grad_out) transposed into batch-contiguous slices of
-// 16, 32 or 64 rows (AVX2: 8, 16 or 32): slice[c][b] = x[b0 + b, c]. One panel of a slice (panel * 256 bytes at 64
-// rows) stays in L1/L2 while every row of W visits it, so each nonzero is one broadcast value
-// times up to four cached vectors, and each (panel, row) segment costs a load and a store of
-// its accumulators. Panel 256 (64 KiB of slice) is the best width measured for 80-98%
+// 16, 32 or 64 rows (AVX2: 8, 16 or 32): slice[c][b] = x[b0 + b, c]. One panel of a slice
+// (panel * 256 bytes at 64 rows) stays in L1/L2 while every row of W visits it, so each
+// nonzero is one broadcast value times up to four cached vectors, and each (panel, row)
+// segment costs a load and a store of its accumulators. Panel 256 (64 KiB of slice) is the best width measured for 80-98%
 // sparsity: 128 doubles the per-segment cost (B=1 and high sparsity suffer most), 512 and
 // wider push the slice out of L2's fast reach at moderate sparsity (2x slower at 50%).
 #include <ATen/ATen.h>
@@ -32,6 +32,12 @@ namespace {
 
 // Rows of W per parallel task: enough work per task to hide the fork, few enough to balance.
 constexpr int64_t kRowGrain = 16;
+
+// Rows of W per task of a product (or SDDMM) over `batch` rows of x: kRowGrain, or more where
+// the whole product is too little work to wake a helper (parallel.h).
+inline int64_t product_row_grain(const PanelPlanCheck& check, int64_t batch) {
+  return work_grain(check.n(), check.nnz() * batch, kRowGrain);
+}
 
 // x (..., K) as [rows, K]: a view where the strides allow (no -1: K may be 0).
 at::Tensor as_rows(const at::Tensor& x) {
@@ -224,7 +230,7 @@ void spmm_generic(PanelPlanCheck& check, const at::Tensor& x, const scalar_t* va
   const int64_t batch = x.size(0), k = x.size(1), panels = panel_count(k, panel);
   const int64_t batch_stride = x.stride(0), col_stride = x.stride(1);
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
-  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       // Once per row, not once per batch row.
       for (int64_t p = 0; p < panels; ++p) {
@@ -257,7 +263,7 @@ void sddmm_generic(PanelPlanCheck& check, const at::Tensor& grad_out, const at::
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
   const int64_t g_batch = grad_out.stride(0), g_col = grad_out.stride(1);
   const int64_t x_batch = x.stride(0), x_col = x.stride(1);
-  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t p = 0; p < panels; ++p) {
         if (!segment_ok_scalar(cols, row_ptr[p * n + row], row_ptr[p * n + row + 1], check.nnz(), check.width(p))) {
@@ -498,7 +504,7 @@ void spmm_float_avx512(PanelPlanCheck& check, const at::Tensor& x, const float* 
   if (batch == 1) {
     const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
     const float* xs = x_row.const_data_ptr<float>();
-    parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
       spmv_rows_avx512(check, xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
     });
     return;
@@ -507,7 +513,7 @@ void spmm_float_avx512(PanelPlanCheck& check, const at::Tensor& x, const float* 
   const at::Tensor slices = batch_slices(x, 16 * vecs);
   const float* xs = slices.const_data_ptr<float>();
   const int64_t slice_count = slices.size(0);
-  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4:
         return spmm_rows_avx512<4>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
@@ -531,7 +537,7 @@ void sddmm_float_avx512(PanelPlanCheck& check, const at::Tensor& grad_out, const
   const float* gs = g_slices.const_data_ptr<float>();
   const float* xs = x_slices.const_data_ptr<float>();
   const int64_t slice_count = x_slices.size(0);
-  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4: return sddmm_rows_avx512<4>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
       case 2: return sddmm_rows_avx512<2>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
@@ -785,7 +791,7 @@ void spmm_float_avx2(PanelPlanCheck& check, const at::Tensor& x, const float* va
   if (batch == 1) {
     const at::Tensor x_row = x.stride(1) == 1 ? x : x.contiguous();
     const float* xs = x_row.const_data_ptr<float>();
-    parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+    parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
       spmv_rows_avx2(check, xs, k, values, row_ptr, cols, panel, n, bias, y, begin, end);
     });
     return;
@@ -794,7 +800,7 @@ void spmm_float_avx2(PanelPlanCheck& check, const at::Tensor& x, const float* va
   const at::Tensor slices = batch_slices(x, 8 * vecs);
   const float* xs = slices.const_data_ptr<float>();
   const int64_t slice_count = slices.size(0);
-  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4:
         return spmm_rows_avx2<4>(check, xs, slice_count, batch, k, values, row_ptr, cols, panel, n, bias, y, begin,
@@ -833,7 +839,7 @@ void sddmm_single_avx2(PanelPlanCheck& check, const at::Tensor& grad_out, const 
   const int64_t k = x.size(1), n = grad_out.size(1);
   const float* g = grad_out.const_data_ptr<float>();
   const float* xs = x.const_data_ptr<float>();
-  parallel_for(0, n, work_grain(n, check.nnz(), kRowGrain), [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, product_row_grain(check, 1), [&](int64_t begin, int64_t end) {
     sddmm_single_rows_avx2(check, g, grad_out.stride(1), xs, x.stride(1), k, row_ptr, cols, panel, n, values, begin,
                            end);
   });
@@ -848,7 +854,7 @@ void sddmm_float_avx2(PanelPlanCheck& check, const at::Tensor& grad_out, const a
   const float* gs = g_slices.const_data_ptr<float>();
   const float* xs = x_slices.const_data_ptr<float>();
   const int64_t slice_count = x_slices.size(0);
-  parallel_for(0, n, work_grain(n, check.nnz() * batch, kRowGrain), [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, product_row_grain(check, batch), [&](int64_t begin, int64_t end) {
     switch (vecs) {
       case 4: return sddmm_rows_avx2<4>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
       case 2: return sddmm_rows_avx2<2>(check, gs, xs, slice_count, n, k, row_ptr, cols, panel, values, begin, end);
